@@ -1,0 +1,32 @@
+"""The pluggable advantage/loss stage (DESIGN.md §4): pure tensor code, no I/O, no distributed calls."""
+from rltk.algos.pipeline import AlgorithmPipeline, StageCall
+from rltk.algos.registry import (
+    StageError,
+    get_stage,
+    register_advantage,
+    register_aggregation,
+    register_loss,
+    register_modifier,
+    register_sampler,
+    register_term,
+    registered,
+)
+from rltk.algos.types import Advantages, LossOutput, Rollouts, group_stats
+
+__all__ = [
+    "AlgorithmPipeline",
+    "Advantages",
+    "LossOutput",
+    "Rollouts",
+    "StageCall",
+    "StageError",
+    "get_stage",
+    "group_stats",
+    "register_advantage",
+    "register_aggregation",
+    "register_loss",
+    "register_modifier",
+    "register_sampler",
+    "register_term",
+    "registered",
+]

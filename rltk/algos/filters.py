@@ -1,0 +1,25 @@
+"""Filters: modifiers that only drop completions from the loss (ALGORITHMS.md §0.4)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from rltk.algos.registry import register_modifier
+from rltk.algos.types import Advantages, Rollouts, group_stats
+
+
+@register_modifier("zero_variance_filter")
+def zero_variance_filter(rollouts: Rollouts, advantages: Advantages) -> Advantages:
+    """Drop groups whose rewards are all equal (DAPO's dynamic-sampling filter, without refill)."""
+    index, groups = rollouts.group_index()
+    _, std, _ = group_stats(rollouts.rewards, index, groups)
+    keep = std > 0
+    metrics = {"dropped": float((~keep).double().mean())}
+    return replace(advantages, keep=advantages.combine_keep(keep), metrics=metrics)
+
+
+@register_modifier("mask_truncated")
+def mask_truncated(rollouts: Rollouts, advantages: Advantages) -> Advantages:
+    """Drop completions that hit the length limit without EOS (DAPO's overlong filtering)."""
+    keep = ~rollouts.truncated
+    metrics = {"dropped": float(rollouts.truncated.double().mean())}
+    return replace(advantages, keep=advantages.combine_keep(keep), metrics=metrics)

@@ -1,0 +1,36 @@
+"""Extra per-token terms added to the policy loss before aggregation (ALGORITHMS.md §0.4)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from rltk.algos.registry import StageError, register_term
+from rltk.algos.types import Advantages, LossOutput, Rollouts
+
+
+@register_term("kl", needs=lambda params: {"ref_logps"} if params.get("coef", 0.0) else set())
+def kl(
+    logps: Tensor, rollouts: Rollouts, advantages: Advantages, *, coef: float = 0.0, estimator: str = "k3"
+) -> LossOutput:
+    """β·KL(π‖π_ref) per token with Schulman's estimators (http://joschu.net/blog/kl-approx.html):
+    k1 = logp − ref, k2 = ½(logp − ref)², k3 = exp(ref − logp) − (ref − logp) − 1.
+    """
+    if estimator not in ("k1", "k2", "k3"):
+        raise StageError(f"kl: estimator must be k1, k2 or k3, got '{estimator}'")
+    if coef == 0.0:
+        zero = torch.zeros_like(logps)
+        return LossOutput(zero, {"kl": zero})
+    delta = rollouts.ref_logps - logps
+    if estimator == "k1":
+        value = -delta
+    elif estimator == "k2":
+        value = 0.5 * delta**2
+    else:
+        value = torch.exp(delta) - delta - 1
+    return LossOutput(coef * value, {"kl": value.detach()})
+
+
+@register_term("entropy", needs={"entropy"})
+def entropy(logps: Tensor, rollouts: Rollouts, advantages: Advantages, *, coef: float = 0.0) -> LossOutput:
+    """Entropy bonus: −coef · H(π(·|context)) per token (Williams & Peng 1991)."""
+    return LossOutput(-coef * rollouts.entropy, {"entropy": rollouts.entropy.detach()})
