@@ -13,8 +13,10 @@ from rltk.algos.types import Advantages, Rollouts, group_stats
 
 
 def _zero_variance_share(std, size) -> float:
+    """Share of groups (of two or more completions) whose rewards are all equal."""
     multi = size > 1
-    return float(((std == 0) & multi).double().sum() / multi.double().sum().clamp(min=1))
+    per_row = ((std == 0) & multi).double() / size  # each group's rows add up to one group
+    return float(per_row.sum() / (multi.double() / size).sum().clamp(min=1))
 
 
 @register_advantage("grpo")

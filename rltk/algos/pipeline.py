@@ -77,8 +77,9 @@ class AlgorithmPipeline:
         advantages = self.estimator(rollouts)
         metrics = {f"{self.estimator.name}/{k}": v for k, v in advantages.metrics.items()}
         for modifier in self.modifiers:
-            advantages = modifier(rollouts, advantages)
-            metrics.update({f"{modifier.name}/{k}": v for k, v in advantages.metrics.items()})
+            previous, advantages = advantages, modifier(rollouts, advantages)
+            if advantages.metrics is not previous.metrics:  # a stage that passes its input through adds none
+                metrics.update({f"{modifier.name}/{k}": v for k, v in advantages.metrics.items()})
         return advantages, metrics
 
     def per_token_loss(

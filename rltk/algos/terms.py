@@ -30,7 +30,9 @@ def kl(
     return LossOutput(coef * value, {"kl": value.detach()})
 
 
-@register_term("entropy", needs={"entropy"})
+@register_term("entropy", needs=lambda params: {"entropy"} if params.get("coef", 0.0) else set())
 def entropy(logps: Tensor, rollouts: Rollouts, advantages: Advantages, *, coef: float = 0.0) -> LossOutput:
     """Entropy bonus: −coef · H(π(·|context)) per token (Williams & Peng 1991)."""
+    if coef == 0.0:
+        return LossOutput(torch.zeros_like(logps))
     return LossOutput(-coef * rollouts.entropy, {"entropy": rollouts.entropy.detach()})

@@ -1,0 +1,262 @@
+"""Distillation objectives: REDI (ALGORITHMS.md §6) and PACED (§7). Pure tensor functions.
+
+- REDI: Xu et al. 2025, "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data
+  for LLM Reasoning" (arXiv 2505.24850). Offline stage 2 on (prompt, correct trace y_w, wrong trace
+  y_l): L = mean over pairs of [−log π(y_w|x)/|y_w| + α·log π(y_l|x)/|y_l|] — length-normalised
+  sequence log-likelihoods, no reference model, no sigmoid.
+- PACED: "distillation at the frontier of student competence", 2026 (arXiv 2603.11178). A problem's
+  weight is w(p) = p^α·(1 − p)^β from the student's pass rate p; the loss is the token-level
+  full-vocabulary KL between teacher and student next-token distributions, averaged over a
+  sequence's tokens; the batch loss is Σ_i w_i·L_i / Σ_i w_i.
+
+These are not registered RL stages: the distillation trainers call them directly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rltk.algos.registry import StageError
+
+KL_DIRECTIONS = ("forward", "reverse")
+SCHEDULES = ("forward", "reverse", "forward_then_reverse")
+
+
+# --------------------------------------------------------------------------------------------
+# REDI (§6)
+
+
+def normalized_logp(logps: Tensor, mask: Tensor) -> Tensor:
+    """Length-normalised sequence log-likelihood Σ_t logp·mask / |y| per row (0 for an empty row)."""
+    mask = mask.to(logps.dtype)
+    return (logps * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+
+
+def redi_loss(
+    pos_logps: Tensor, pos_mask: Tensor, neg_logps: Tensor, neg_mask: Tensor, alpha: float = 0.8
+) -> tuple[Tensor, dict[str, float]]:
+    """REDI stage-2 loss (Xu et al. 2025, arXiv 2505.24850, Eq. of §3.2; ALGORITHMS.md §6).
+
+    ``pos_*`` / ``neg_*`` are per-token logps and masks ``[P, T]`` of the correct and the wrong
+    trace of each of P pairs (same order). Returns the scalar
+    mean_pairs[−log π(y_w)/|y_w| + α·log π(y_l)/|y_l|] and metrics ``pos_logp``, ``neg_logp``
+    (mean length-normalised log-likelihoods) and ``gap`` (their difference). α = 0 is SFT on the
+    positives, α = 1 the symmetric objective. The gradient w.r.t. a token logp is −1/(P·|y_w|) on
+    positives and +α/(P·|y_l|) on negatives.
+    """
+    if pos_logps.shape[0] != neg_logps.shape[0]:
+        raise StageError(f"redi: {pos_logps.shape[0]} positive but {neg_logps.shape[0]} negative traces")
+    if pos_logps.shape[0] == 0:
+        raise StageError("redi: the batch has no pairs")
+    pos = normalized_logp(pos_logps, pos_mask)
+    neg = normalized_logp(neg_logps, neg_mask)
+    loss = (-pos + alpha * neg).mean()
+    return loss, _redi_metrics(pos.detach(), neg.detach())
+
+
+def _redi_metrics(pos: Tensor, neg: Tensor) -> dict[str, float]:
+    pos_mean = float(pos.mean()) if pos.numel() else 0.0
+    neg_mean = float(neg.mean()) if neg.numel() else 0.0
+    return {"pos_logp": pos_mean, "neg_logp": neg_mean, "gap": pos_mean - neg_mean}
+
+
+def redi_unpaired_loss(
+    logps: Tensor, mask: Tensor, label: Tensor, alpha: float = 0.8, *, reduction: str = "pair"
+) -> tuple[Tensor, dict[str, float]]:
+    """REDI on unpaired (prompt, completion, label) traces; the loss decomposes per trace (§6).
+
+    Trace i contributes −log π(y_i)/|y_i| if ``label[i]`` (correct) else +α·log π(y_i)/|y_i|.
+    ``reduction``: ``pair`` (default) divides the sum by N/2, so a batch of P correct and P wrong
+    traces gives exactly :func:`redi_loss` on those P pairs (and the authors' learning rate
+    transfers); ``trace`` divides by N (the plain per-trace mean, half as large).
+    """
+    if reduction not in ("pair", "trace"):
+        raise StageError(f"redi: reduction must be pair or trace, got '{reduction}'")
+    if logps.shape[0] == 0:
+        raise StageError("redi: the batch has no traces")
+    label = label.to(torch.bool)
+    norm = normalized_logp(logps, mask)
+    per_trace = torch.where(label, -norm, alpha * norm)
+    denominator = logps.shape[0] / 2 if reduction == "pair" else logps.shape[0]
+    loss = per_trace.sum() / denominator
+    return loss, _redi_metrics(norm.detach()[label], norm.detach()[~label])
+
+
+# --------------------------------------------------------------------------------------------
+# PACED (§7)
+
+
+@dataclass(frozen=True)
+class PacedWeights:
+    """w(p) = p^α(1 − p)^β per problem, the Σw-normalised weights, and whether to skip the batch."""
+
+    raw: Tensor
+    normalized: Tensor
+    skipped: bool
+
+
+def paced_weights(pass_rates: Tensor, alpha: float = 1.0, beta: float = 1.0) -> PacedWeights:
+    """PACED per-problem weights (arXiv 2603.11178; ALGORITHMS.md §7), detached.
+
+    ``pass_rates`` ∈ [0, 1] are the student's own success rates (from its G rollouts). With the
+    default α = β = 1 the weight peaks at p = 0.5 and mastered or hopeless problems get 0. When every
+    weight is 0, ``normalized`` is all zeros and ``skipped`` is True (skip the batch and count it).
+    """
+    if alpha < 0 or beta < 0:
+        raise StageError(f"paced: alpha and beta must be >= 0, got {alpha}, {beta}")
+    p = pass_rates.detach().double()
+    if bool(((p < 0) | (p > 1)).any()):
+        raise StageError("paced: pass rates must lie in [0, 1]")
+    raw = p**alpha * (1 - p) ** beta
+    total = raw.sum()
+    skipped = not bool(total > 0)
+    normalized = torch.zeros_like(raw) if skipped else raw / total
+    dtype = pass_rates.dtype if pass_rates.is_floating_point() else torch.float32
+    return PacedWeights(raw.to(dtype), normalized.to(dtype), skipped)
+
+
+def paced_loss(
+    token_kl: Tensor, mask: Tensor, pass_rates: Tensor, alpha: float = 1.0, beta: float = 1.0
+) -> tuple[Tensor, dict[str, float]]:
+    """PACED batch loss Σ_i w_i·L_i / Σ_i w_i with L_i the token mean of ``token_kl`` ``[N, T]``.
+
+    ``pass_rates`` ``[N]`` is each sequence's problem pass rate. A batch whose weights are all 0
+    returns a zero loss that still depends on ``token_kl`` (so backward works) and
+    ``metrics["skipped"] = 1``.
+    """
+    weights = paced_weights(pass_rates, alpha, beta)
+    mask = mask.to(token_kl.dtype)
+    per_sequence = (token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    coef = weights.normalized.to(device=token_kl.device, dtype=token_kl.dtype)
+    loss = (coef * per_sequence).sum()
+    metrics = {
+        "skipped": float(weights.skipped),
+        "mean_weight": float(weights.raw.double().mean()) if weights.raw.numel() else 0.0,
+        "kl": float(per_sequence.detach().double().mean()) if per_sequence.numel() else 0.0,
+    }
+    return loss, metrics
+
+
+def paced_schedule(step: int, schedule: str = "forward_then_reverse", switch_step: int | None = None) -> str:
+    """The KL direction PACED uses at ``step``: ``forward``, ``reverse``, or ``forward_then_reverse``
+    (forward before ``switch_step``, reverse from it on; the paper's best).
+    """
+    if schedule not in SCHEDULES:
+        raise StageError(f"paced: schedule must be one of {', '.join(SCHEDULES)}, got '{schedule}'")
+    if schedule != "forward_then_reverse":
+        return schedule
+    if switch_step is None or switch_step < 0:
+        raise StageError("paced: schedule forward_then_reverse needs a switch_step >= 0")
+    return "forward" if step < switch_step else "reverse"
+
+
+# --------------------------------------------------------------------------------------------
+# Chunked full-vocabulary KL
+
+
+def _chunks(vocab: int, chunk_size: int):
+    for start in range(0, vocab, chunk_size):
+        yield slice(start, min(start + chunk_size, vocab))
+
+
+def _streaming_stats(student: Tensor, teacher: Tensor, direction: str, chunk_size: int):
+    """One pass over vocabulary chunks (rows ``[R, V]``): lse_s, lse_t and E_p[s − t] (float32+).
+
+    p is the teacher distribution for ``forward`` and the student's for ``reverse``. Running sums
+    are rescaled whenever a running max grows (online softmax), so no ``[R, V]`` temporary exists.
+    """
+    rows = student.shape[0]
+    dtype = torch.promote_types(student.dtype, torch.float32)
+    neg_inf = torch.full((rows,), float("-inf"), dtype=dtype, device=student.device)
+    max_s, max_t = neg_inf.clone(), neg_inf.clone()
+    sum_s = torch.zeros(rows, dtype=dtype, device=student.device)
+    sum_t, weighted = torch.zeros_like(sum_s), torch.zeros_like(sum_s)
+    for part in _chunks(student.shape[-1], chunk_size):
+        s = student[:, part].to(dtype)
+        t = teacher[:, part].to(dtype)
+        new_max_s = torch.maximum(max_s, s.max(-1).values)
+        new_max_t = torch.maximum(max_t, t.max(-1).values)
+        exp_s = torch.exp(s - new_max_s.unsqueeze(-1))
+        exp_t = torch.exp(t - new_max_t.unsqueeze(-1))
+        scale_s = torch.exp(max_s - new_max_s)  # exp(-inf) = 0 on the first chunk
+        scale_t = torch.exp(max_t - new_max_t)
+        p_exp, p_scale = (exp_t, scale_t) if direction == "forward" else (exp_s, scale_s)
+        weighted = weighted * p_scale + (p_exp * (s - t)).sum(-1)
+        sum_s = sum_s * scale_s + exp_s.sum(-1)
+        sum_t = sum_t * scale_t + exp_t.sum(-1)
+        max_s, max_t = new_max_s, new_max_t
+    lse_s = max_s + torch.log(sum_s)
+    lse_t = max_t + torch.log(sum_t)
+    mean_diff = weighted / (sum_t if direction == "forward" else sum_s)
+    return lse_s, lse_t, mean_diff
+
+
+class _ChunkedKL(torch.autograd.Function):
+    """Token KL over rows ``[R, V]`` with a chunked backward; the teacher is a constant."""
+
+    @staticmethod
+    def forward(ctx, student: Tensor, teacher: Tensor, direction: str, chunk_size: int) -> Tensor:
+        lse_s, lse_t, mean_diff = _streaming_stats(student, teacher, direction, chunk_size)
+        if direction == "forward":  # Σ p_t (log p_t − log p_s) = −E_t[s − t] + lse_s − lse_t
+            kl = -mean_diff + lse_s - lse_t
+        else:  # Σ p_s (log p_s − log p_t) = E_s[s − t] − lse_s + lse_t
+            kl = mean_diff - lse_s + lse_t
+        ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
+        ctx.direction, ctx.chunk_size = direction, chunk_size
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: Tensor):
+        student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        grad = torch.empty_like(student)
+        g = grad_kl.to(kl.dtype).unsqueeze(-1)
+        for part in _chunks(student.shape[-1], ctx.chunk_size):
+            log_ps = student[:, part].to(kl.dtype) - lse_s.unsqueeze(-1)
+            p_s = torch.exp(log_ps)
+            if ctx.direction == "forward":  # ∂/∂s_j = p_s,j − p_t,j
+                p_t = torch.exp(teacher[:, part].to(kl.dtype) - lse_t.unsqueeze(-1))
+                local = p_s - p_t
+            else:  # ∂/∂s_j = p_s,j·(log p_s,j − log p_t,j − KL)
+                log_pt = teacher[:, part].to(kl.dtype) - lse_t.unsqueeze(-1)
+                local = p_s * (log_ps - log_pt - kl.unsqueeze(-1))
+            grad[:, part] = (g * local).to(grad.dtype)
+        return grad, None, None, None
+
+
+def chunked_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    mask: Tensor | None = None,
+    direction: str = "forward",
+    chunk_size: int = 4096,
+) -> Tensor:
+    """Token-level full-vocabulary KL between next-token distributions, ``[...]`` (PACED, §7).
+
+    ``student_logits`` and ``teacher_logits`` are ``[..., V]`` (e.g. ``[N, T, V]``); ``direction``
+    ``forward`` = KL(teacher ‖ student), ``reverse`` = KL(student ‖ teacher). The vocabulary is
+    processed in chunks of ``chunk_size`` with a streaming logsumexp, in forward and backward
+    (a custom autograd function), so the extra memory beyond the inputs and the gradient is
+    O(N·T·chunk_size). Computation is in float32 (or the inputs' dtype if wider). The gradient
+    flows to the student only; teacher logits are treated as constants. Positions where ``mask`` is
+    0 give 0.
+    """
+    if direction not in KL_DIRECTIONS:
+        raise StageError(f"chunked_kl: direction must be forward or reverse, got '{direction}'")
+    if student_logits.shape != teacher_logits.shape:
+        raise StageError(
+            f"chunked_kl: student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ in shape"
+        )
+    if chunk_size < 1:
+        raise StageError(f"chunked_kl: chunk_size must be >= 1, got {chunk_size}")
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    kl = _ChunkedKL.apply(
+        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), direction, chunk_size
+    ).reshape(lead)
+    if mask is not None:
+        kl = kl * mask.to(kl.dtype)
+    return kl

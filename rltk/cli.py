@@ -1,0 +1,145 @@
+"""``rltk`` command line: parse, load the recipe, call the library (DESIGN.md §6).
+
+Every user mistake (bad recipe, missing file, unknown stage, missing dataset column) ends with one
+line on stderr and exit code 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rltk.config import ConfigError
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+QUICKSTART_RECIPE = Path(__file__).with_name("resources") / "quickstart.yaml"
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="YAML recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. trainer.lr=2e-6 algorithm.advantage[1].alpha=0.5")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rltk", description="LLM post-training RL toolkit")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    quick = sub.add_parser("quickstart", help="tiny model + built-in task: SFT warm start, GRPO, pass@k before/after")
+    quick.add_argument("--output-dir", default="runs/quickstart")
+    quick.add_argument("overrides", nargs="*", help="dotted overrides of the embedded recipe")
+
+    train = sub.add_parser("train", help="RL training from a recipe")
+    _add_recipe_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+
+    sft = sub.add_parser("sft", help="supervised warm start on worked solutions")
+    _add_recipe_args(sft)
+
+    ev = sub.add_parser("eval", help="pass@k / avg@n / maj@k report of a model")
+    ev.add_argument("--model", required=True, help="HF id or directory")
+    ev.add_argument("--recipe", help="recipe whose data/eval sections to use (optional)")
+    ev.add_argument("--data", help="builtin, a .jsonl/.parquet path or an HF dataset id (overrides the recipe)")
+    ev.add_argument("--split", help="dataset split (default: the recipe's test split)")
+    ev.add_argument("--levels", help="built-in task levels, e.g. 1,2")
+    ev.add_argument("--n", type=int, help="samples per problem")
+    ev.add_argument("--k", help="comma-separated k values (default: powers of two up to n)")
+    ev.add_argument("--num-problems", type=int)
+    ev.add_argument("--temperature", type=float)
+    ev.add_argument("--top-p", type=float)
+    ev.add_argument("--max-new-tokens", type=int)
+    ev.add_argument("--seed", type=int)
+    ev.add_argument("--out", default=None, help="report directory (default runs/eval/<model name>)")
+    ev.add_argument("--no-save-samples", action="store_true", help="do not write samples.jsonl")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides")
+
+    cmp_ = sub.add_parser("compare", help="run recipe variants on the same seed and data; one pass@k table and plot")
+    _add_recipe_args(cmp_)
+    cmp_.add_argument("--variants", required=True, help="comma-separated variant names or recipe paths")
+    cmp_.add_argument("--output-dir", default=None, help="default: <trainer.output_dir>/compare")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from rltk.algos.registry import StageError
+    from rltk.data.loaders import DataError
+    from rltk.trainer.rl import TrainingError
+
+    try:
+        return _COMMANDS[args.command](args)
+    except (ConfigError, DataError, StageError, PermissionError, FileNotFoundError) as exc:
+        print(f"rltk: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingError as exc:
+        print(f"rltk: training stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("rltk: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_train(args) -> int:
+    from rltk.config import load_recipe
+    from rltk.workflows import train
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    result = train(recipe, resume=args.resume)
+    print(f"done: final model at {result['model_dir']}")
+    return 0
+
+
+def _cmd_sft(args) -> int:
+    from rltk.config import load_recipe
+    from rltk.workflows import sft_and_evaluate
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    path, summary = sft_and_evaluate(recipe)
+    print(f"SFT model at {path}; held-out avg@{recipe.eval.n} = {summary['avg@n']:.3f}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from rltk.workflows import eval_recipe_from_args, evaluate_model
+
+    recipe = eval_recipe_from_args(args)
+    out = args.out or str(Path("runs/eval") / Path(args.model.rstrip("/")).name)
+    report = evaluate_model(recipe, args.model, out, save_samples=not args.no_save_samples)
+    from rltk.eval.report import format_passk_table
+
+    print(format_passk_table({Path(args.model).name: report}))
+    print(f"report: {out}/report.md")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from rltk.config import load_recipe_data
+    from rltk.workflows import compare
+
+    table, out = compare(load_recipe_data(args.recipe), args.overrides, args.variants.split(","), args.output_dir)
+    print(table)
+    print(f"comparison: {out}/comparison.md")
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from rltk.config import load_recipe
+    from rltk.workflows import quickstart
+
+    recipe = load_recipe(QUICKSTART_RECIPE, [f"trainer.output_dir={args.output_dir}", *args.overrides])
+    print(quickstart(recipe))
+    return 0
+
+
+_COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "eval": _cmd_eval, "compare": _cmd_compare,
+             "quickstart": _cmd_quickstart}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""Typed recipe schema (DESIGN.md §5): YAML loading, dotted overrides, validation.
+
+A recipe is a YAML mapping with the sections of :class:`Recipe`. Every field is documented where
+it is defined. Loading checks unknown keys (with the closest valid key), types (field, value and
+expected type) and cross-field rules *before* any model loads; every problem is a
+:class:`ConfigError` whose message is one line, which the CLI prints before exiting with code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe problem: one line naming the key, the value and the fix."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters through peft (Hu et al. 2021). The reference policy is the base model with the
+    adapter disabled, so no second copy of the weights is loaded."""
+
+    r: int = 16  # adapter rank
+    alpha: int = 32  # scaling numerator (effective scale alpha / r)
+    dropout: float = 0.05
+    target_modules: Union[str, list[str]] = "all-linear"  # peft target modules
+    load_in_4bit: bool = False  # QLoRA: quantise the frozen base with bitsandbytes (GPU only)
+
+
+@dataclass
+class TinyModelConfig:
+    """The built-in tiny Qwen2 model, used when ``model.name_or_path`` is ``tiny``.
+
+    Defaults are the calibrated ones of DESIGN.md §9 (0.53M parameters, learns 2-digit addition)."""
+
+    hidden_size: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    intermediate_size: int = 512
+    max_position_embeddings: int = 256
+    seed: int = 0  # initialisation seed
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "tiny"  # HF model id, local HF directory, or "tiny" (built-in tiny model)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    gradient_checkpointing: bool = False
+    trust_remote_code: bool = False  # off unless a recipe turns it on: remote code is code
+    attn_implementation: Union[str, None] = None  # e.g. "sdpa", "flash_attention_2"
+    ref_model: Union[str, None] = None  # reference model; default: the initial policy weights
+    lora: Union[LoraConfig, None] = None
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin"  # "builtin", a local .jsonl/.json/.parquet path, or an HF dataset id
+    subset: Union[str, None] = None  # HF dataset configuration name
+    levels: list[int] = field(default_factory=lambda: [1])  # built-in task difficulty levels
+    train_split: str = "train"
+    test_split: str = "test"
+    eval_source: Union[str, None] = None  # held-out set if different from ``source``
+    prompt_field: str = "problem"
+    answer_field: str = "answer"
+    solution_field: Union[str, None] = None  # worked solutions, used by SFT
+    extract_boxed_answer: bool = False  # answer_field holds a solution; take its last \boxed{}
+    template: str = "builtin"  # a name in rltk.data.templates.TEMPLATES or a string with {question}
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
+    system_prompt: Union[str, None] = None
+    num_train: Union[int, None] = None  # cap on training prompts (None: all / built-in default)
+    num_test: Union[int, None] = 200  # held-out prompts for periodic and final evaluation
+    max_prompt_length: int = 512  # longer prompts are skipped and counted
+
+
+@dataclass
+class VLLMConfig:
+    """vLLM rollouts (GPU only), following trl's VLLMGeneration."""
+
+    mode: Literal["colocate", "server"] = "colocate"
+    gpu_memory_utilization: float = 0.3
+    tensor_parallel_size: int = 1
+    enable_sleep_mode: bool = False
+    server_host: str = "127.0.0.1"
+    server_port: int = 8000
+    importance_sampling: Literal["token", "sequence", "none"] = "token"  # truncated IS correction
+    importance_sampling_mode: Literal["truncate", "mask"] = "truncate"
+    importance_sampling_cap: float = 2.0
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["hf", "vllm"] = "hf"
+    group_size: int = 8  # completions per prompt (G)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 32
+    batch_size: int = 256  # completions generated per call of the hf engine
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+
+
+@dataclass
+class AlgorithmConfig:
+    """The pluggable stage. Each entry is a name or ``{name: ..., **params}``; a name may be an
+    import path ``package.module:function`` for user code."""
+
+    advantage: list[Any] = field(default_factory=lambda: [{"name": "grpo"}])  # estimator, then modifiers
+    loss: Any = "ppo_clip"
+    aggregation: Any = "token_mean"
+    terms: list[Any] = field(default_factory=list)  # e.g. [{name: kl, coef: 0.04}]
+    sampler: Any = "uniform"
+
+
+@dataclass
+class RewardSpec:
+    name: str  # "math", "format", or an import path to a TRL-style reward function
+    weight: float = 1.0
+
+
+@dataclass
+class VerifierConfig:
+    deadline_s: float = 5.0  # hard per-answer deadline; an overrunning worker is killed
+    num_workers: Union[int, None] = None  # default min(4, cpu count)
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 100  # optimizer steps = rollout batches × ppo_epochs × mini_batches
+    prompts_per_step: int = 32  # prompts per rollout batch; × group_size completions
+    micro_batch_size: int = 64  # completions per forward/backward
+    ppo_epochs: int = 1  # passes over each rollout batch
+    mini_batches: int = 1  # optimizer steps per pass (splits prompts_per_step)
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    lr_scheduler: str = "constant"  # any transformers scheduler name
+    warmup_ratio: float = 0.0
+    seed: int = 0
+    output_dir: str = "runs/rltk"
+    save_every: int = 0  # steps between checkpoints (0 = only at the end)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    eval_every: int = 0  # steps between held-out evaluations (0 = before and after only)
+    logprob_chunk_size: int = 64  # rows per no-grad log-prob forward
+    max_bad_steps: int = 3  # consecutive non-finite steps before training stops
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start on worked solutions (``rltk sft``; before RL when ``enabled``)."""
+
+    enabled: bool = False
+    steps: int = 300
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_ratio: float = 0.05
+    num_examples: int = 5000
+    output_subdir: str = "sft"  # under trainer.output_dir
+
+
+@dataclass
+class EvalConfig:
+    n: int = 16  # samples per problem
+    ks: Union[list[int], None] = None  # default: powers of two up to n
+    temperature: float = 0.6
+    top_p: float = 0.95
+    max_new_tokens: Union[int, None] = None  # default: rollout.max_new_tokens
+    num_problems: Union[int, None] = None  # default: data.num_test
+    batch_size: int = 512  # completions per generation call
+    maj: bool = True  # also report maj@k (equivalence-grouped)
+
+
+@dataclass
+class LoggingConfig:
+    report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, trackio
+    project: str = "rltk"
+    progress: bool = True  # live progress bar
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    rewards: list[RewardSpec] = field(default_factory=lambda: [RewardSpec("math")])
+    verifier: VerifierConfig = field(default_factory=VerifierConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Building typed objects from plain data
+# --------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """``value`` as type ``tp``, or a ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        errors = []
+        for option in typing.get_args(tp):
+            try:
+                return _convert(value, option, where)
+            except ConfigError as exc:
+                errors.append(exc)
+        raise _type_error(where, value, tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise _type_error(where, value, tp)
+        (item,) = typing.get_args(tp)
+        return [_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise _type_error(where, value, tp)
+        return from_dict(tp, value, where)
+    if tp is type(None):
+        if value is None:
+            return None
+        raise _type_error(where, value, tp)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
+    if tp in (int, float) and isinstance(value, bool):
+        raise _type_error(where, value, tp)
+    if isinstance(value, tp):
+        return value
+    raise _type_error(where, value, tp)
+
+
+def _type_error(where: str, value: Any, tp: Any) -> ConfigError:
+    shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
+    return ConfigError(f"{where}: expected {_type_name(tp)}, got {shown} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``: unknown keys and wrong types are ConfigErrors."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key '{path}'{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{where or 'recipe'}: missing required key '{missing[0]}'")
+    return cls(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# Overrides: trainer.lr=2e-6 algorithm.advantage[1].alpha=0.5
+# --------------------------------------------------------------------------------------------
+
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+_TOKEN = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def _parse_path(path: str) -> list[str | int]:
+    tokens: list[str | int] = []
+    position = 0
+    for match in _TOKEN.finditer(path):
+        if match.start() != position and path[position] != ".":
+            break
+        tokens.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+        position = match.end()
+        if position < len(path) and path[position] == ".":
+            position += 1
+    if not tokens or position != len(path):
+        raise ConfigError(f"override '{path}': expected a dotted key like trainer.lr or algorithm.advantage[1].alpha")
+    return tokens
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``key.path=value`` override (value parsed as YAML) to the raw recipe mapping."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}': expected key=value, e.g. trainer.lr=2e-6")
+    path, _, raw = override.partition("=")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    tokens = _parse_path(path.strip())
+    node: Any = data
+    for i, token in enumerate(tokens[:-1]):
+        nxt = tokens[i + 1]
+        if isinstance(token, int):
+            if not isinstance(node, list) or token >= len(node):
+                raise ConfigError(f"override '{path}': index [{token}] is out of range")
+            node = node[token]
+            continue
+        if token not in node or node[token] is None:
+            node[token] = [] if isinstance(nxt, int) else {}
+        node = node[token]
+        if isinstance(node, str) and not isinstance(nxt, int):  # "ppo_clip" -> {name: ppo_clip}
+            parent = _walk(data, tokens[: i + 1][:-1])
+            node = parent[token] = {"name": node}
+    last = tokens[-1]
+    if isinstance(last, int):
+        if not isinstance(node, list) or last > len(node):
+            raise ConfigError(f"override '{path}': index [{last}] is out of range")
+        if last == len(node):
+            node.append(value)
+        else:
+            node[last] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise ConfigError(f"override '{path}': cannot set '{last}' inside a {type(node).__name__}")
+
+
+def _walk(data: Any, tokens: list[str | int]) -> Any:
+    for token in tokens:
+        data = data[token]
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and validation
+# --------------------------------------------------------------------------------------------
+
+
+def load_recipe_data(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe file, with clear errors for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def build_recipe(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:
+    """Apply overrides, build the typed recipe and validate it."""
+    data = dict(data)
+    data = yaml.safe_load(yaml.safe_dump(data))  # deep copy of plain data
+    for override in overrides:
+        apply_override(data, override)
+    if "rewards" in data and isinstance(data["rewards"], list):
+        data["rewards"] = [{"name": r} if isinstance(r, str) else r for r in data["rewards"]]
+    recipe = from_dict(Recipe, data)
+    validate(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Load, override and validate a recipe file."""
+    return build_recipe(load_recipe_data(path), list(overrides))
+
+
+_GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "weighted_grpo", "garl"}
+
+
+def _positive(value: float, key: str, fix: str = "") -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value}{'; ' + fix if fix else ''}")
+
+
+def validate(recipe: Recipe) -> None:
+    """Cross-field rules; stage names and parameters are resolved against the registries."""
+    from rltk.algos.pipeline import AlgorithmPipeline
+    from rltk.algos.registry import StageError
+
+    t, r = recipe.trainer, recipe.rollout
+    for key, value in [
+        ("trainer.steps", t.steps),
+        ("trainer.prompts_per_step", t.prompts_per_step),
+        ("trainer.micro_batch_size", t.micro_batch_size),
+        ("trainer.ppo_epochs", t.ppo_epochs),
+        ("trainer.mini_batches", t.mini_batches),
+        ("trainer.lr", t.lr),
+        ("rollout.group_size", r.group_size),
+        ("rollout.max_new_tokens", r.max_new_tokens),
+        ("rollout.batch_size", r.batch_size),
+        ("eval.n", recipe.eval.n),
+        ("sft.steps", recipe.sft.steps),
+        ("sft.batch_size", recipe.sft.batch_size),
+        ("verifier.deadline_s", recipe.verifier.deadline_s),
+        ("trainer.max_bad_steps", t.max_bad_steps),
+        ("trainer.logprob_chunk_size", t.logprob_chunk_size),
+    ]:
+        _positive(value, key)
+    if r.temperature <= 0:
+        raise ConfigError(f"rollout.temperature: must be > 0 for sampling, got {r.temperature}")
+    if not 0 < r.top_p <= 1 or not 0 < recipe.eval.top_p <= 1:
+        raise ConfigError("rollout.top_p and eval.top_p must be in (0, 1]")
+    if t.prompts_per_step % t.mini_batches:
+        raise ConfigError(
+            f"trainer.prompts_per_step ({t.prompts_per_step}) must be divisible by trainer.mini_batches "
+            f"({t.mini_batches}) so every mini-batch holds whole prompt groups"
+        )
+    if recipe.eval.ks and max(recipe.eval.ks) > recipe.eval.n:
+        raise ConfigError(f"eval.ks: k = {max(recipe.eval.ks)} exceeds eval.n = {recipe.eval.n}; raise eval.n")
+    if not 0 <= t.warmup_ratio < 1:
+        raise ConfigError(f"trainer.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    try:
+        pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
+                                     recipe.algorithm.aggregation, recipe.algorithm.terms)
+        from rltk.algos.pipeline import StageCall
+
+        StageCall.from_spec("sampler", recipe.algorithm.sampler)
+    except StageError as exc:
+        raise ConfigError(f"algorithm: {exc}") from None
+    if r.group_size == 1 and pipeline.estimator.name in _GROUP_BASELINES:
+        raise ConfigError(
+            f"rollout.group_size: 1 gives '{pipeline.estimator.name}' a zero advantage for every completion; "
+            "use group_size >= 2 or the reinforce estimator"
+        )
+    if recipe.model.lora is not None and recipe.model.ref_model is not None:
+        raise ConfigError("model.ref_model and model.lora conflict: under LoRA the reference is the base model "
+                          "with the adapter disabled; drop model.ref_model")
+    _validate_rewards(recipe)
+
+
+def _validate_rewards(recipe: Recipe) -> None:
+    from rewards.registry import get_reward_function
+
+    if not recipe.rewards:
+        raise ConfigError("rewards: list at least one reward function, e.g. [{name: math}]")
+    for i, spec in enumerate(recipe.rewards):
+        try:
+            get_reward_function(spec.name)
+        except ValueError as exc:
+            raise ConfigError(f"rewards[{i}]: {exc}") from None

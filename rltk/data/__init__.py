@@ -1,0 +1,28 @@
+"""Built-in synthetic math task, dataset loaders and prompt templates."""
+
+from rltk.data.loaders import (
+    DataError,
+    Example,
+    LoadStats,
+    last_boxed_content,
+    load_examples,
+    load_examples_with_stats,
+)
+from rltk.data.synthetic import CHARSET, LEVELS, Problem, generate_problems, split_of
+from rltk.data.templates import TEMPLATES, format_prompt
+
+__all__ = [
+    "CHARSET",
+    "LEVELS",
+    "TEMPLATES",
+    "DataError",
+    "Example",
+    "LoadStats",
+    "Problem",
+    "format_prompt",
+    "generate_problems",
+    "last_boxed_content",
+    "load_examples",
+    "load_examples_with_stats",
+    "split_of",
+]

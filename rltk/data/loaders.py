@@ -1,0 +1,250 @@
+"""Load question/answer examples from the built-in task, local files or the Hugging Face Hub.
+
+:func:`load_examples` returns the examples; :func:`load_examples_with_stats` also returns a
+:class:`LoadStats` saying how many rows were read and how many were skipped and why (the same
+counts are logged as a warning whenever rows are skipped). Prompts are not formatted here:
+``Example.question`` is the raw problem text, turned into a prompt later by
+:func:`rltk.data.templates.format_prompt`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rltk.data.synthetic import generate_problems
+
+__all__ = [
+    "DataError",
+    "Example",
+    "LoadStats",
+    "last_boxed_content",
+    "load_examples",
+    "load_examples_with_stats",
+]
+
+logger = logging.getLogger(__name__)
+
+_FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+_BUILTIN_DEFAULT_SIZE = {"train": 5000, "test": 500}
+
+
+class DataError(ValueError):
+    """A data source cannot give usable examples (missing field, no rows, unreadable file)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    question: str
+    answer: str
+    solution: str | None = None
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What one load read and dropped. ``rows`` counts rows looked at (all of them, or up to
+    ``num_examples`` usable ones); ``kept + skipped_no_answer + skipped_bad_prompt == rows``."""
+
+    source: str
+    split: str
+    rows: int
+    kept: int
+    skipped_no_answer: int  # answer None/empty, or no balanced \boxed{} with extract_boxed_answer
+    skipped_bad_prompt: int  # prompt not a string, or empty
+
+
+def last_boxed_content(text: str) -> str | None:
+    """Content of the last balanced ``\\boxed{...}`` in ``text`` (nested braces allowed), or None."""
+    start = len(text)
+    while (start := text.rfind("\\boxed{", 0, start)) != -1:
+        depth, begin = 0, start + len("\\boxed{")
+        for i in range(begin, len(text)):
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                if depth == 0:
+                    return text[begin:i]
+                depth -= 1
+    return None
+
+
+def _local_files(source: str, split: str) -> tuple[str, list[str]] | None:
+    """(datasets builder, files) when ``source`` is a local file or directory, else None.
+
+    In a directory, files whose names start with ``split`` (``test.jsonl``,
+    ``test-00000-of-00001.parquet``) are used when there are any, else all data files.
+    """
+    path = Path(source)
+    if path.suffix in _FILE_FORMATS:
+        if not path.is_file():
+            raise DataError(f"data file not found: {source}")
+        return _FILE_FORMATS[path.suffix], [str(path)]
+    if not path.is_dir():
+        return None
+    files = sorted(p for p in path.rglob("*") if p.suffix in _FILE_FORMATS and p.is_file())
+    files = [p for p in files if p.name.startswith(split)] or files
+    builders = {_FILE_FORMATS[p.suffix] for p in files}
+    if len(builders) != 1:
+        found = "no .jsonl/.json/.parquet files" if not files else "both JSON and Parquet files"
+        raise DataError(f"data directory {source} has {found}")
+    return builders.pop(), [str(p) for p in files]
+
+
+def _load_table(source: str, split: str, subset: str | None):
+    import datasets  # heavy import, only when a file or Hub dataset is read
+
+    local = _local_files(source, split)
+    try:
+        if local is not None:
+            builder, files = local
+            return datasets.load_dataset(builder, data_files=files, split="train")
+        return datasets.load_dataset(source, subset, split=split)
+    except Exception as e:  # datasets raises many types; the user needs one line
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise DataError(f"cannot load {source!r} (split {split!r}): {type(e).__name__}: {message}") from e
+
+
+def _check_fields(columns: Sequence[str], source: str, fields: dict[str, str | None]) -> None:
+    for role, name in fields.items():
+        if name is not None and name not in columns:
+            raise DataError(f"{role} {name!r} not found in {source!r}; available columns: {list(columns)}")
+
+
+def _clean_answer(value: Any, extract_boxed: bool) -> str | None:
+    if value is None:
+        return None
+    answer = str(value).strip()
+    if extract_boxed:
+        answer = (last_boxed_content(answer) or "").strip()
+    return answer or None
+
+
+def _rows_to_examples(
+    table, source: str, split: str, fields: dict[str, str | None], num_examples: int | None, extract_boxed: bool
+) -> tuple[list[Example], LoadStats]:
+    # [:] materializes a column as a list (datasets >= 4 returns a lazy Column, slow to index)
+    columns = {role: table[name][:] if name else None for role, name in fields.items()}
+    questions, answers = columns["prompt_field"], columns["answer_field"]
+    solutions, ids = columns["solution_field"], columns["id_field"]
+    examples: list[Example] = []
+    rows = no_answer = bad_prompt = 0
+    for i in range(len(table)):
+        if num_examples is not None and len(examples) >= num_examples:
+            break
+        rows += 1
+        question, answer = questions[i], _clean_answer(answers[i], extract_boxed)
+        if not isinstance(question, str) or not question.strip():
+            bad_prompt += 1
+        elif answer is None:
+            no_answer += 1
+        else:
+            examples.append(
+                Example(
+                    id=str(ids[i]) if ids is not None else f"{split}-{i}",
+                    question=question,
+                    answer=answer,
+                    solution=None if solutions is None or solutions[i] is None else str(solutions[i]),
+                )
+            )
+    return examples, LoadStats(source, split, rows, len(examples), no_answer, bad_prompt)
+
+
+def _builtin(split: str, levels, num_examples: int | None, seed: int) -> list[Example]:
+    if split not in _BUILTIN_DEFAULT_SIZE:
+        raise DataError(f"the builtin task has splits {sorted(_BUILTIN_DEFAULT_SIZE)}; got {split!r}")
+    n = _BUILTIN_DEFAULT_SIZE[split] if num_examples is None else num_examples
+    try:
+        problems = generate_problems(levels, n, split, seed)
+    except ValueError as e:
+        raise DataError(f"builtin task: {e}") from None
+    return [Example(p.id, p.question, p.answer, p.solution) for p in problems]
+
+
+def load_examples_with_stats(
+    source: str,
+    *,
+    split: str = "train",
+    prompt_field: str = "problem",
+    answer_field: str = "answer",
+    solution_field: str | None = None,
+    id_field: str | None = None,
+    levels: int | Sequence[int] = (1,),
+    num_examples: int | None = None,
+    seed: int = 0,
+    subset: str | None = None,
+    extract_boxed_answer: bool = False,
+) -> tuple[list[Example], LoadStats]:
+    """:func:`load_examples` (same arguments) plus the :class:`LoadStats` of the load."""
+    if num_examples is not None and num_examples < 1:
+        raise DataError(f"num_examples must be >= 1; got {num_examples}")
+    if source == "builtin":
+        examples = _builtin(split, levels, num_examples, seed)
+        return examples, LoadStats(source, split, len(examples), len(examples), 0, 0)
+    table = _load_table(source, split, subset)
+    fields = {
+        "prompt_field": prompt_field,
+        "answer_field": answer_field,
+        "solution_field": solution_field,
+        "id_field": id_field,
+    }
+    _check_fields(table.column_names, source, fields)
+    examples, stats = _rows_to_examples(table, source, split, fields, num_examples, extract_boxed_answer)
+    if stats.skipped_no_answer or stats.skipped_bad_prompt:
+        logger.warning(
+            "%s (%s): skipped %d rows without an answer and %d without a string prompt; kept %d",
+            source, split, stats.skipped_no_answer, stats.skipped_bad_prompt, stats.kept,
+        )
+    if not examples:
+        raise DataError(f"no usable examples in {source!r} (split {split!r}): {stats}")
+    return examples, stats
+
+
+def load_examples(
+    source: str,
+    *,
+    split: str = "train",
+    prompt_field: str = "problem",
+    answer_field: str = "answer",
+    solution_field: str | None = None,
+    id_field: str | None = None,
+    levels: int | Sequence[int] = (1,),
+    num_examples: int | None = None,
+    seed: int = 0,
+    subset: str | None = None,
+    extract_boxed_answer: bool = False,
+) -> list[Example]:
+    """Examples from ``source``:
+
+    - ``"builtin"``: the synthetic task (:mod:`rltk.data.synthetic`) at ``levels``, split
+      ``"train"``/``"test"``, ``num_examples`` (default 5000 train / 500 test), ``seed``;
+    - a path ending in ``.jsonl``, ``.json`` or ``.parquet``, or a directory of such files: read
+      with ``datasets.load_dataset("json"|"parquet", data_files=...)`` (a file is one split);
+    - anything else: a Hugging Face Hub dataset, ``datasets.load_dataset(source, subset, split=split)``.
+
+    For files and Hub datasets, ``prompt_field``/``answer_field`` name the question and answer
+    columns, ``solution_field``/``id_field`` optional ones (ids default to ``"<split>-<row>"``).
+    ``extract_boxed_answer=True`` reads the answer as the last balanced ``\\boxed{...}`` of the
+    ``answer_field`` text (e.g. MATH's ``solution`` column). Answers become strings; rows with no
+    answer or a non-string/empty prompt are skipped and counted (warning + :class:`LoadStats`).
+    ``num_examples`` keeps the first N usable rows in source order; ``seed`` only affects the
+    builtin task. Raises :class:`DataError` for a missing field (naming the available columns),
+    an unreadable source, or no usable rows. :func:`load_examples_with_stats` also returns the
+    skip counts.
+    """
+    return load_examples_with_stats(
+        source,
+        split=split,
+        prompt_field=prompt_field,
+        answer_field=answer_field,
+        solution_field=solution_field,
+        id_field=id_field,
+        levels=levels,
+        num_examples=num_examples,
+        seed=seed,
+        subset=subset,
+        extract_boxed_answer=extract_boxed_answer,
+    )[0]

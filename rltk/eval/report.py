@@ -1,0 +1,152 @@
+"""Evaluation reports: ``report.json``/``report.md``/``passk.png`` per run, and comparisons.
+
+Every file is written atomically (a temp file in the same directory, then :func:`os.replace`), so
+an interrupted write never leaves a half-written report or clobbers the previous one. Plots use
+matplotlib's Agg canvas directly (no pyplot, no global backend change).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+__all__ = ["PROTOCOL_KEYS", "format_passk_table", "write_comparison", "write_report"]
+
+PROTOCOL_KEYS = (
+    "n",
+    "temperature",
+    "top_p",
+    "max_new_tokens",
+    "template",
+    "verifier_version",
+    "truncation_rate",
+    "no_answer_rate",
+    "model",
+    "num_problems",
+    "seed",
+    "maj_method",
+)
+"""What every report records about how it was measured (ALGORITHMS.md §9)."""
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _json_default(obj):
+    if hasattr(obj, "item"):  # numpy / torch scalars
+        return obj.item()
+    raise TypeError(f"report value of type {type(obj).__name__} is not JSON serializable")
+
+
+def _curve(summary: dict, metric: str) -> dict[int, float]:
+    """``summary[metric]`` with int keys (JSON turns them into strings), sorted by k."""
+    return dict(sorted((int(k), float(v)) for k, v in summary.get(metric, {}).items()))
+
+
+def _cell(value: object) -> str:
+    text = f"{value:.4g}" if isinstance(value, float) else str(value)
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def format_passk_table(reports: dict[str, dict], metrics: Iterable[str] = ("pass@k",)) -> str:
+    """Markdown table: one row per report (name -> report dict with a ``summary``), one column
+    per metric and k present in any report (``pass@1``, ``pass@2``, ..., then ``maj@1``, ...)."""
+    curves = {name: {m: _curve(r["summary"], m) for m in metrics} for name, r in reports.items()}
+    columns = [
+        (m, k) for m in metrics for k in sorted({k for c in curves.values() for k in c[m]})
+    ]
+    header = ["variant"] + [m.replace("@k", f"@{k}") for m, k in columns]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, c in curves.items():
+        cells = [_cell(name)] + [f"{c[m][k]:.3f}" if k in c[m] else "" for m, k in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _plot(curves: dict[str, dict[int, float]], title: str) -> bytes:
+    """PNG of metric-vs-k curves on a log2 k axis."""
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ks = sorted({k for c in curves.values() for k in c})
+    for label, c in curves.items():
+        ax.plot(list(c), list(c.values()), marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    if ks:
+        ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("k")
+    ax.set_ylabel("accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _report_markdown(report: dict, name: str) -> str:
+    protocol, summary = report["protocol"], report["summary"]
+    rows = "\n".join(f"| {_cell(k)} | {_cell(v)} |" for k, v in protocol.items())
+    table = format_passk_table({name: report}, metrics=("pass@k", "maj@k"))
+    return (
+        f"# Evaluation report: {name}\n\n## Protocol\n\n| key | value |\n|---|---|\n{rows}\n\n"
+        f"## Results\n\navg@n = {summary['avg@n']:.4f} over {protocol['num_problems']} problems\n\n"
+        f"{table}\n\n![pass@k](passk.png)\n"
+    )
+
+
+def write_report(out_dir, *, summary: dict, protocol: dict, per_problem: list[dict]) -> dict:
+    """Write ``report.json``, ``report.md`` and ``passk.png`` under ``out_dir``; return the report.
+
+    ``summary`` comes from :func:`rltk.eval.metrics.summarize`; ``protocol`` must hold every key
+    of :data:`PROTOCOL_KEYS` (more are kept); ``per_problem`` is stored as given.
+    """
+    missing = [k for k in PROTOCOL_KEYS if k not in protocol]
+    if missing:
+        raise ValueError(f"report protocol is missing {missing}")
+    report = {"summary": summary, "protocol": protocol, "per_problem": per_problem}
+    text = json.dumps(report, indent=2, default=_json_default)  # fails before anything is written
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    name = str(protocol["model"])
+    curves = {m: _curve(summary, m) for m in ("pass@k", "maj@k") if m in summary}
+    _atomic_write(out / "report.json", text.encode())
+    _atomic_write(out / "report.md", _report_markdown(report, name).encode())
+    _atomic_write(out / "passk.png", _plot(curves, name))
+    return report
+
+
+def write_comparison(out_dir, reports: dict[str, dict], title: str) -> str:
+    """Write ``comparison.md`` (pass@k table, one row per variant) and ``comparison.png`` (one
+    pass@k curve per variant) under ``out_dir``; return the Markdown table."""
+    if not reports:
+        raise ValueError("write_comparison needs at least one report")
+    table = format_passk_table(reports)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    curves = {name: _curve(r["summary"], "pass@k") for name, r in reports.items()}
+    _atomic_write(out / "comparison.md", f"# {title}\n\n{table}\n\n![pass@k](comparison.png)\n".encode())
+    _atomic_write(out / "comparison.png", _plot(curves, title))
+    return table

@@ -1,0 +1,150 @@
+"""Load models and tokenizers (HF id or path, dtype, gradient checkpointing, LoRA) and build the
+built-in tiny model.
+
+The tiny model is a random-initialised Qwen2 with a character-level tokenizer built locally with
+the ``tokenizers`` library (DESIGN.md §9). It is saved as a normal HF directory, so every later
+code path (training, evaluation, vLLM, export) treats it like a real model.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from rltk.config import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
+
+log = logging.getLogger(__name__)
+
+PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
+
+
+def build_char_tokenizer(charset: str) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer: one token per character of ``charset`` plus pad/eos/unk."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    chars = sorted(set(charset))
+    vocab = {PAD: 0, EOS: 1, UNK: 2}
+    for ch in chars:
+        vocab[ch] = len(vocab)
+    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
+    )
+    tokenizer.model_max_length = 4096
+    return tokenizer
+
+
+def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:
+    """Create the tiny Qwen2 model + character tokenizer as an HF directory at ``out_dir``.
+
+    Idempotent: an existing complete directory is reused. Written to a temporary directory first
+    and renamed, so a crash never leaves a half-written model behind.
+    """
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from rltk.data.synthetic import CHARSET
+
+    cfg = cfg or TinyModelConfig()
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").is_file() and (out_dir / "tokenizer.json").is_file():
+        return out_dir
+    tokenizer = build_char_tokenizer(CHARSET)
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(cfg.seed)
+        model = Qwen2ForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("built tiny model (%d parameters) at %s", model.num_parameters(), out_dir)
+    return out_dir
+
+
+def resolve_model_path(cfg: ModelConfig, work_dir: str | Path) -> str:
+    """The HF id or directory to load: ``tiny`` is built under ``work_dir/tiny-init`` first."""
+    if cfg.name_or_path == "tiny":
+        return str(build_tiny_model(Path(work_dir) / "tiny-init", cfg.tiny))
+    return cfg.name_or_path
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """Tokenizer with a pad token and left padding (prompts are left-padded for generation)."""
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_model(name_or_path: str, cfg: ModelConfig, *, trainable: bool = True):
+    """A causal LM by id or path, with the recipe's dtype, gradient checkpointing and LoRA."""
+    kwargs = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    if cfg.attn_implementation:
+        kwargs["attn_implementation"] = cfg.attn_implementation
+    if cfg.lora is not None and cfg.lora.load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path: cannot load '{name_or_path}': {str(exc).splitlines()[0]}") from None
+    if not trainable:
+        model.requires_grad_(False)
+        return model.eval()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.lora is not None:
+        model = apply_lora(model, cfg.lora)
+    return model
+
+
+def apply_lora(model, cfg: LoraConfig):
+    """Wrap ``model`` with a LoRA adapter (peft); only the adapter is trainable."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_cfg = PeftLoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_cfg)
+
+
+def _four_bit_config():
+    try:
+        from transformers import BitsAndBytesConfig
+
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("model.lora.load_in_4bit needs bitsandbytes on a CUDA machine: pip install bitsandbytes") from None
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

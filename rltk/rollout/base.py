@@ -1,0 +1,68 @@
+"""The rollout engine interface (DESIGN.md §3): prompts in, G completions per prompt out.
+
+An engine returns one row per completion with the completions of a prompt contiguous, token ids
+right-padded, a completion mask that covers the EOS token, and truncation flags. Engines are picked
+by name (``rollout.engine``): ``hf`` (transformers ``generate``, any device) and ``vllm`` (GPU).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    n: int = 1  # completions per prompt
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    max_new_tokens: int = 32
+    return_logps: bool = False  # also return the sampling distribution's per-token log-probs
+
+
+@dataclass(frozen=True)
+class Generation:
+    """``len(prompts) × n`` completions, grouped by prompt."""
+
+    prompt_ids: Tensor  # long [N, P], left-padded
+    prompt_mask: Tensor  # long [N, P]
+    completion_ids: Tensor  # long [N, T], right-padded with the pad id
+    completion_mask: Tensor  # long [N, T], 1 up to and including EOS
+    truncated: Tensor  # bool [N], no EOS within max_new_tokens
+    texts: list[str]  # decoded completions without special tokens
+    sampling_logps: Tensor | None = None  # float [N, T] from the sampler's processed distribution
+
+
+class RolloutEngine(Protocol):
+    def generate(self, prompts: list[str], params: SamplingParams) -> Generation:
+        """Sample ``params.n`` completions for each prompt."""
+
+    def sync_weights(self) -> None:
+        """Make the engine sample from the current policy weights (after an optimizer step)."""
+
+
+def completion_mask_from_ids(completion_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:
+    """Mask up to and including the first EOS, and whether each row lacks an EOS (truncated)."""
+    is_eos = completion_ids == eos_token_id
+    has_eos = is_eos.any(dim=1)
+    first = torch.where(has_eos, is_eos.int().argmax(dim=1), torch.full_like(has_eos, completion_ids.shape[1], dtype=torch.long))
+    positions = torch.arange(completion_ids.shape[1], device=completion_ids.device).unsqueeze(0)
+    mask = (positions <= first.unsqueeze(1)).long()
+    return mask, ~has_eos
+
+
+def pad_right(rows: list[Tensor], value: float | int, length: int | None = None) -> Tensor:
+    """Stack 2-D tensors with different widths, padding on the right."""
+    width = length if length is not None else max(r.shape[1] for r in rows)
+    out = [torch.nn.functional.pad(r, (0, width - r.shape[1]), value=value) for r in rows]
+    return torch.cat(out, dim=0)
+
+
+def pad_left(rows: list[Tensor], value: float | int) -> Tensor:
+    """Stack 2-D tensors with different widths, padding on the left."""
+    width = max(r.shape[1] for r in rows)
+    out = [torch.nn.functional.pad(r, (width - r.shape[1], 0), value=value) for r in rows]
+    return torch.cat(out, dim=0)

@@ -1,0 +1,410 @@
+"""The RL loop (DESIGN.md §3): sampler → rollout engine → rewards → requested forwards →
+advantage pipeline → loss over micro-batches → optimizer step → metrics → evaluation → checkpoints.
+
+Batch semantics are stated in prompts: each rollout batch takes ``prompts_per_step`` prompts ×
+``group_size`` completions, split over processes by whole prompt groups, then into
+``mini_batches`` optimizer steps (repeated ``ppo_epochs`` times), each cut into micro-batches of
+``micro_batch_size`` completions. The aggregation normaliser of an optimizer step is summed over
+all its micro-batches and all ranks before any backward, so the step's loss and gradient do not
+depend on how it is cut (ALGORITHMS.md §0.3).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from rltk.algos.pipeline import AlgorithmPipeline, StageCall
+from rltk.algos.types import Advantages, Rollouts
+from rltk.config import ConfigError, Recipe
+from rltk.data.recipe import build_prompts, drop_long_prompts, load_split, load_test_split
+from rltk.eval.runner import EvalSettings, evaluate
+from rltk.io import atomic_write_json, check_writable
+from rltk.models import load_model, load_tokenizer, resolve_model_path
+from rltk.rollout.base import SamplingParams
+from rltk.rollout.factory import make_engine
+from rltk.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from rltk.trainer.logprobs import forward_logps
+from rltk.trainer.metrics import MetricsLog, progress_bar
+from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
+
+log = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. too many consecutive non-finite steps); one-line message."""
+
+
+class RLTrainer:
+    """Owns the loop; everything algorithmic is delegated to the recipe's ``AlgorithmPipeline``."""
+
+    def __init__(self, recipe: Recipe, *, policy_path: str | None = None, resume: bool = False,
+                 accelerator: Accelerator | None = None):
+        self.recipe = recipe
+        t = recipe.trainer
+        self.out = Path(t.output_dir)
+        self.accelerator = accelerator or Accelerator(
+            log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False
+        )
+        if self.accelerator.is_main_process:
+            check_writable(self.out)
+        set_seed(t.seed, device_specific=True)
+        self.pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
+                                          recipe.algorithm.aggregation, recipe.algorithm.terms)
+        self.updates_per_batch = t.ppo_epochs * t.mini_batches
+        self.needs = self.pipeline.needs() | ({"old_logps"} if self.updates_per_batch > 1 else set())
+        self._check_layout()
+        self._setup_model(policy_path or resolve_model_path(recipe.model, self.out))
+        self._setup_data()
+        self.sampler = self._make_sampler()
+        if "roles" in self.needs and not getattr(self.sampler, "provides_roles", False):
+            raise ConfigError("algorithm: a selected stage needs per-group roles; choose a sampler that provides "
+                              "them (e.g. sampler: {name: pairing})")
+        self.engine = make_engine(recipe.rollout, lambda: self.accelerator.unwrap_model(self.model),
+                                  self.tokenizer, recipe.data.max_prompt_length)
+        from rewards.math import MathVerifier
+        from rewards.registry import get_reward_function
+
+        self.verifier = MathVerifier(deadline_s=recipe.verifier.deadline_s, num_workers=recipe.verifier.num_workers)
+        self.reward_fns = [(r.name, get_reward_function(r.name), r.weight) for r in recipe.rewards]
+        self.step = 0
+        self.bad_steps = 0
+        self.counters: dict[str, int] = defaultdict(int)
+        if resume:
+            self._resume()
+
+    # ------------------------------------------------------------------ setup
+    def _check_layout(self) -> None:
+        t, world = self.recipe.trainer, self.accelerator.num_processes
+        if t.steps % self.updates_per_batch:
+            raise ConfigError(f"trainer.steps ({t.steps}) must be a multiple of ppo_epochs × mini_batches "
+                              f"({self.updates_per_batch})")
+        per_update = t.prompts_per_step // t.mini_batches
+        if per_update % world:
+            raise ConfigError(f"trainer.prompts_per_step / mini_batches = {per_update} prompts per optimizer step "
+                              f"cannot be split over {world} processes; make it a multiple of {world}")
+        if "answer_logps" in self.needs:
+            raise ConfigError("algorithm: a selected stage needs answer_logps (gold-answer log-probs), which this "
+                              "trainer does not compute yet; use garl mode=binary")
+
+    def _setup_model(self, path: str) -> None:
+        cfg = self.recipe.model
+        self.policy_path = path
+        self.tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+        model = load_model(path, cfg)
+        t = self.recipe.trainer
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=t.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
+        from transformers import get_scheduler
+
+        scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * t.steps),
+                                  num_training_steps=t.steps)
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
+        self.ref_model = None
+        if "ref_logps" in self.needs and cfg.lora is None:
+            ref = load_model(cfg.ref_model or path, cfg, trainable=False)
+            self.ref_model = ref.to(self.accelerator.device)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """The frozen reference policy: a separate model, or the base model with the adapter off."""
+        if self.ref_model is not None:
+            yield self.ref_model
+            return
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with unwrapped.disable_adapter():
+            yield unwrapped
+
+    def _setup_data(self) -> None:
+        d, t = self.recipe.data, self.recipe.trainer
+        train = load_split(d, d.train_split, d.num_train, seed=t.seed)
+        self.train_examples, self.train_prompts, skipped = drop_long_prompts(
+            train, build_prompts(train, d, self.tokenizer), self.tokenizer, d.max_prompt_length)
+        self.counters["skipped_long_prompts"] = skipped
+        num_test = self.recipe.eval.num_problems or d.num_test
+        test = load_test_split(d, num_test, seed=t.seed)
+        self.test_examples, self.test_prompts, _ = drop_long_prompts(
+            test, build_prompts(test, d, self.tokenizer), self.tokenizer, d.max_prompt_length)
+
+    def _make_sampler(self):
+        call = StageCall.from_spec("sampler", self.recipe.algorithm.sampler)
+        return call.stage.fn(len(self.train_examples), self.recipe.trainer.seed, **call.params)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        state = {"sampler": self.sampler.state_dict(), "counters": dict(self.counters),
+                 "policy_path": self.policy_path}
+        return save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out, self.step, state,
+                               self.recipe.trainer.keep_checkpoints)
+
+    def _resume(self) -> None:
+        import json
+
+        checkpoint = latest_checkpoint(self.out)
+        if checkpoint is None:
+            log.warning("--resume: no complete checkpoint under %s; starting from step 0", self.out)
+            return
+        self.accelerator.load_state(str(checkpoint / "state"))
+        state = json.loads((checkpoint / "trainer.json").read_text())
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.counters.update(state.get("counters", {}))
+        log.info("resumed from %s (step %d)", checkpoint, self.step)
+
+    # ------------------------------------------------------------------ one rollout batch
+    def collect(self) -> RolloutBatch:
+        """Sample this rank's prompt groups, score them, run the requested forwards, compute advantages."""
+        t, r = self.recipe.trainer, self.recipe.rollout
+        acc = self.accelerator
+        indices = self.sampler.next_indices(t.prompts_per_step)
+        per_rank = t.prompts_per_step // acc.num_processes
+        # rank k takes every world-th block of per-update prompts so each mini-batch spans all ranks
+        mine = self._rank_share(indices)
+        examples = [self.train_examples[i] for i in mine]
+        timings = {}
+        start = time.perf_counter()
+        generation = self.engine.generate([self.train_prompts[i] for i in mine], SamplingParams(
+            n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens))
+        timings["time/generate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        answers = [e.answer for e in examples for _ in range(r.group_size)]
+        verdicts = self.verifier.score(generation.texts, answers)
+        columns = {"answer": answers, "question": [e.question for e in examples for _ in range(r.group_size)]}
+        rewards, missing = combine_rewards(generation.texts, columns, verdicts, self.reward_fns)
+        timings["time/score"] = time.perf_counter() - start
+        self.counters["reward_none"] += missing
+        first_group = self.step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
+        from rltk.trainer.logprobs import TokenBatch
+
+        tokens = TokenBatch(generation.prompt_ids, generation.prompt_mask, generation.completion_ids,
+                            generation.completion_mask)
+        rollouts = Rollouts(
+            group_ids=(torch.arange(len(examples)) + first_group).repeat_interleave(r.group_size),
+            rewards=rewards,
+            correct=torch.tensor([v.correct for v in verdicts], dtype=torch.bool),
+            completion_mask=generation.completion_mask.float(),
+            truncated=generation.truncated,
+        )
+        start = time.perf_counter()
+        rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.model, reference=self.reference,
+                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size)
+        timings["time/extra_forwards"] = time.perf_counter() - start
+        advantages, stage_metrics = self.pipeline.compute_advantages(rollouts)
+        reasons = defaultdict(int)
+        for v in verdicts:
+            reasons[v.reason] += 1
+        metrics = {
+            **self._batch_metrics(rollouts, advantages, reasons),
+            **stage_metrics,
+            **timings,
+        }
+        return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics)
+
+    def _rank_share(self, indices: list[int]) -> list[int]:
+        t, acc = self.recipe.trainer, self.accelerator
+        per_update = t.prompts_per_step // t.mini_batches
+        per_rank_update = per_update // acc.num_processes
+        mine = []
+        for m in range(t.mini_batches):
+            block = indices[m * per_update : (m + 1) * per_update]
+            mine.extend(block[acc.process_index * per_rank_update : (acc.process_index + 1) * per_rank_update])
+        return mine
+
+    def _batch_metrics(self, rollouts: Rollouts, advantages: Advantages, reasons) -> dict[str, float]:
+        """Rollout statistics of this batch, averaged over ranks by the caller."""
+        lengths = rollouts.lengths
+        kept = advantages.kept()
+        values = advantages.values
+        if values.dim() == 2:
+            values = (values * rollouts.completion_mask).sum(-1) / rollouts.completion_mask.sum(-1).clamp(min=1)
+        kept_values = values[kept] if kept.any() else values.new_zeros(1)
+        n = max(1, rollouts.num_completions)
+        index, groups = rollouts.group_index()
+        solved = torch.zeros(groups).index_add_(0, index, rollouts.correct.float())
+        sizes = torch.zeros(groups).index_add_(0, index, torch.ones(n))
+        return {
+            "reward/mean": float(rollouts.rewards.mean()),
+            "reward/std": float(rollouts.rewards.std()) if n > 1 else 0.0,
+            "correct/mean": float(rollouts.correct.float().mean()),
+            "correct/all_correct_groups": float((solved == sizes).float().mean()),
+            "correct/all_wrong_groups": float((solved == 0).float().mean()),
+            "completion/length_mean": float(lengths.mean()),
+            "completion/length_max": float(lengths.max()),
+            "completion/truncated": float(rollouts.truncated.float().mean()),
+            "completion/empty": float((lengths <= 1).float().mean()),
+            "verifier/no_answer": reasons["no_answer"] / n,
+            "verifier/timeout": reasons["timeout"] / n,
+            "verifier/parse_error": reasons["parse_error"] / n,
+            "advantage/mean": float(kept_values.mean()),
+            "advantage/std": float(kept_values.std()) if kept_values.numel() > 1 else 0.0,
+            "advantage/max_abs": float(kept_values.abs().max()),
+            "advantage/kept": float(kept.float().mean()),
+        }
+
+    # ------------------------------------------------------------------ optimisation
+    def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Cut ``rows`` into micro-batches; whole groups per micro-batch when it holds ≥ one group."""
+        size, group = self.recipe.trainer.micro_batch_size, self.recipe.rollout.group_size
+        if size >= group:
+            size = size // group * group
+        return [rows[i : i + size] for i in range(0, len(rows), size)]
+
+    def optimize(self, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on ``rows`` of this rank's batch (a mini-batch of whole groups)."""
+        acc = self.accelerator
+        mask_all = batch.rollouts.completion_mask * batch.advantages.kept().float().unsqueeze(-1)
+        step_mask = mask_all[rows]
+        local = self.pipeline.normalizer(step_mask, self.recipe.rollout.max_new_tokens)
+        normalizer = float(acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum"))
+        if normalizer <= 0:
+            self.counters["empty_steps"] += 1
+            return {"loss": 0.0, "empty_step": 1.0}
+        needs_entropy = "entropy" in self.needs
+        temperature = self.recipe.rollout.temperature
+        loss_total = torch.zeros((), dtype=torch.float64)
+        token_sums: dict[str, float] = defaultdict(float)
+        token_count = 0.0
+        t_forward = t_backward = 0.0
+        chunks = self.micro_batches(rows)
+        for i, mb in enumerate(chunks):
+            sync = contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model)
+            with sync:
+                start = time.perf_counter()
+                out = forward_logps(self.model, batch.tokens.rows(mb), temperature, with_entropy=needs_entropy)
+                rollouts_mb = batch.rollouts.select(mb)
+                if needs_entropy:
+                    rollouts_mb = replace(rollouts_mb, entropy=out.entropy)
+                adv = batch.advantages
+                adv_mb = Advantages(adv.values[mb], None if adv.keep is None else adv.keep[mb])
+                per_token, token_metrics = self.pipeline.per_token_loss(out.logps, rollouts_mb, adv_mb)
+                mask_mb = mask_all[mb].to(per_token.device)
+                loss = self.pipeline.aggregate(per_token, mask_mb, normalizer) * acc.num_processes
+                t_forward += time.perf_counter() - start
+                start = time.perf_counter()
+                acc.backward(loss)
+                t_backward += time.perf_counter() - start
+            loss_total += loss.detach().double().cpu() / acc.num_processes
+            for name, value in token_metrics.items():
+                token_sums[name] += float((value.detach() * mask_mb).sum())
+            token_count += float(mask_mb.sum())
+        max_norm = self.recipe.trainer.max_grad_norm or float("inf")
+        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
+        loss_value = float(acc.reduce(loss_total.to(acc.device), "sum"))
+        metrics = {"loss": loss_value, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+                   "time/forward": t_forward, "time/backward": t_backward}
+        sums = acc.reduce(torch.tensor([token_count, *token_sums.values()], dtype=torch.float64, device=acc.device), "sum")
+        for name, total in zip(token_sums, sums[1:].tolist()):
+            metrics[name] = total / max(float(sums[0]), 1.0)
+        self._apply_update(metrics)
+        return metrics
+
+    def _apply_update(self, metrics: dict[str, float]) -> None:
+        """Optimizer step, or skip and count it when the loss or gradient is not finite."""
+        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
+            self.optimizer.step()
+            self.scheduler.step()
+            self.bad_steps = 0
+        else:
+            self.bad_steps += 1
+            self.counters["skipped_nonfinite_steps"] += 1
+            metrics["skipped_nonfinite"] = 1.0
+            log.warning("step %d: non-finite loss or gradient (%s, %s); update skipped",
+                        self.step + 1, metrics["loss"], metrics["grad_norm"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.bad_steps >= self.recipe.trainer.max_bad_steps:
+            raise TrainingError(
+                f"{self.bad_steps} consecutive steps with a non-finite loss or gradient; stopped at step {self.step}. "
+                "Lower trainer.lr or raise trainer.max_bad_steps; the last good checkpoint is intact")
+
+    def train_batch(self) -> dict[str, float]:
+        """Collect one rollout batch and run its ``ppo_epochs × mini_batches`` optimizer steps."""
+        t = self.recipe.trainer
+        start = time.perf_counter()
+        batch = self.collect()
+        groups = batch.rollouts.num_completions // self.recipe.rollout.group_size
+        per_mini = groups // t.mini_batches * self.recipe.rollout.group_size
+        step_metrics: dict[str, list[float]] = defaultdict(list)
+        for _ in range(t.ppo_epochs):
+            for m in range(t.mini_batches):
+                rows = torch.arange(m * per_mini, (m + 1) * per_mini)
+                for key, value in self.optimize(batch, rows).items():
+                    step_metrics[key].append(value)
+                self.step += 1
+        metrics = {k: sum(v) / len(v) for k, v in step_metrics.items()}
+        for key in ("time/forward", "time/backward"):
+            metrics[key] = sum(step_metrics[key])
+        metrics.update(self._mean_over_ranks(batch.metrics))
+        metrics["time/step"] = time.perf_counter() - start
+        return metrics
+
+    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist()))
+
+    # ------------------------------------------------------------------ evaluation and the loop
+    def evaluate(self, tag: str) -> dict[str, Any]:
+        """Held-out pass@k of the current policy; written under ``<output_dir>/eval/<tag>``."""
+        e, r = self.recipe.eval, self.recipe.rollout
+        settings = EvalSettings(n=e.n, ks=tuple(e.ks) if e.ks else None, temperature=e.temperature, top_p=e.top_p,
+                                max_new_tokens=e.max_new_tokens or r.max_new_tokens, batch_size=e.batch_size,
+                                maj=e.maj, seed=self.recipe.trainer.seed)
+        protocol = {"model": self.policy_path, "step": self.step, "template": self.recipe.data.template}
+        return evaluate(self.engine, self.test_examples, self.test_prompts, self.verifier, settings,
+                        accelerator=self.accelerator, out_dir=self.out / "eval" / tag, protocol=protocol,
+                        progress=self.recipe.logging.progress)
+
+    def train(self, evaluate_before: bool = True) -> dict[str, Any]:
+        """Run to ``trainer.steps``; returns before/after evaluation reports and the final checkpoint."""
+        t, acc = self.recipe.trainer, self.accelerator
+        metrics_log = MetricsLog(acc, self.out, self.recipe.logging.report_to, self.recipe.logging.project,
+                                 self.recipe.to_dict(), resume_step=self.step)
+        if acc.is_main_process:
+            atomic_write_json(self.out / "recipe.json", self.recipe.to_dict())
+        result: dict[str, Any] = {"start_step": self.step}
+        if self.step == 0 and evaluate_before:
+            result["before"] = self.evaluate(f"step-{0:06d}")
+            metrics_log.log(0, _eval_metrics(result["before"]["summary"]))
+        bar = progress_bar(t.steps, self.step, self.recipe.logging.progress and acc.is_main_process)
+        try:
+            while self.step < t.steps:
+                metrics = self.train_batch()
+                bar.update(self.updates_per_batch)
+                bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", correct=f"{metrics['correct/mean']:.3f}",
+                                step_s=f"{metrics['time/step']:.2f}")
+                if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
+                    metrics.update(_eval_metrics(self.evaluate(f"step-{self.step:06d}")["summary"]))
+                metrics_log.log(self.step, metrics)
+                if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
+                    self.save()
+        finally:
+            bar.close()
+        final = self.save()
+        result["after"] = self.evaluate(f"step-{self.step:06d}")
+        metrics_log.log(self.step, _eval_metrics(result["after"]["summary"]))
+        metrics_log.close()
+        result.update(final_checkpoint=str(final), model_dir=str(final / "model"), counters=dict(self.counters))
+        if acc.is_main_process:
+            atomic_write_json(self.out / "result.json", {
+                k: (v["summary"] if isinstance(v, dict) and "summary" in v else v) for k, v in result.items()})
+        return result
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    out = {f"eval/pass@{k}": v for k, v in summary["pass@k"].items()}
+    out["eval/avg@n"] = summary["avg@n"]
+    return out

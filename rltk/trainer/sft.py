@@ -1,0 +1,77 @@
+"""SFT warm start on worked solutions, built on TRL's ``SFTTrainer`` (``rltk sft RECIPE``).
+
+The completion is the example's worked solution (or ``\\boxed{answer}`` when a dataset has none)
+followed by EOS; the loss is on completion tokens only. The result is an HF directory at
+``<trainer.output_dir>/<sft.output_subdir>``, written to a temporary directory and renamed, and
+reused when it already exists (so ``rltk compare`` warm-starts every variant from one model).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from rltk.config import Recipe
+from rltk.data.recipe import build_prompts, load_split
+from rltk.io import check_writable
+from rltk.models import load_model, load_tokenizer, resolve_model_path
+
+log = logging.getLogger(__name__)
+
+
+def sft_output_dir(recipe: Recipe) -> Path:
+    return Path(recipe.trainer.output_dir) / recipe.sft.output_subdir
+
+
+def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
+    """Warm-start the recipe's model; returns the directory of the fine-tuned model."""
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    out = sft_output_dir(recipe)
+    if (out / "config.json").is_file() and not force:
+        log.info("SFT warm start: reusing %s", out)
+        return out
+    check_writable(out.parent)
+    base = resolve_model_path(recipe.model, recipe.trainer.output_dir)
+    tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
+    model = load_model(base, recipe.model)
+    s = recipe.sft
+    examples = load_split(recipe.data, recipe.data.train_split, s.num_examples, seed=recipe.trainer.seed)
+    prompts = build_prompts(examples, recipe.data, tokenizer)
+    rows = [
+        {"prompt": p, "completion": (e.solution or f"\\boxed{{{e.answer}}}") + tokenizer.eos_token}
+        for e, p in zip(examples, prompts)
+    ]
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        args = SFTConfig(
+            output_dir=str(work / "trainer"),
+            max_steps=s.steps,
+            per_device_train_batch_size=s.batch_size,
+            learning_rate=s.lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=int(s.warmup_ratio * s.steps),
+            logging_steps=max(1, s.steps // 10),
+            save_strategy="no",
+            report_to=[],
+            seed=recipe.trainer.seed,
+            completion_only_loss=True,
+            max_length=recipe.data.max_prompt_length + recipe.rollout.max_new_tokens,
+            disable_tqdm=not recipe.logging.progress,
+            dataloader_num_workers=0,
+            bf16=recipe.model.dtype == "bfloat16",
+            fp16=False,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+        trainer.train()
+        trainer.model.save_pretrained(work / "model")
+        tokenizer.save_pretrained(work / "model")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work / "model", out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out

@@ -1,0 +1,201 @@
+"""What the commands do, as library functions: train, SFT, evaluate, compare, quickstart."""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from rltk.config import ConfigError, Recipe, build_recipe
+
+
+def _policy_path(recipe: Recipe) -> str | None:
+    """Run the SFT warm start first when the recipe enables it; its output is the RL start."""
+    if not recipe.sft.enabled:
+        return None
+    from rltk.trainer.sft import run_sft
+
+    return str(run_sft(recipe))
+
+
+def train(recipe: Recipe, *, resume: bool = False, evaluate_before: bool = True) -> dict[str, Any]:
+    """Optional SFT warm start, then RL; returns before/after evaluation reports and paths."""
+    from rltk.trainer.rl import RLTrainer
+
+    policy = _policy_path(recipe)
+    trainer = RLTrainer(recipe, policy_path=policy, resume=resume)
+    try:
+        return trainer.train(evaluate_before=evaluate_before)
+    finally:
+        trainer.close()
+
+
+def evaluate_model(recipe: Recipe, model_path: str, out_dir: str | Path, *, save_samples: bool = True) -> dict:
+    """pass@k report of ``model_path`` on the recipe's held-out problems (``rltk eval``)."""
+    from accelerate import Accelerator
+
+    from rewards.math import MathVerifier
+    from rltk.data.recipe import build_prompts, drop_long_prompts, load_test_split
+    from rltk.eval.runner import EvalSettings, evaluate
+    from rltk.models import load_model, load_tokenizer
+    from rltk.rollout.factory import make_engine
+
+    accelerator = Accelerator()
+    tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
+    model = load_model(model_path, recipe.model, trainable=False).to(accelerator.device)
+    e, d = recipe.eval, recipe.data
+    examples = load_test_split(d, e.num_problems or d.num_test, seed=recipe.trainer.seed)
+    examples, prompts, skipped = drop_long_prompts(examples, build_prompts(examples, d, tokenizer), tokenizer,
+                                                   d.max_prompt_length)
+    engine = make_engine(recipe.rollout, lambda: model, tokenizer, d.max_prompt_length)
+    settings = EvalSettings(n=e.n, ks=tuple(e.ks) if e.ks else None, temperature=e.temperature, top_p=e.top_p,
+                            max_new_tokens=e.max_new_tokens or recipe.rollout.max_new_tokens,
+                            batch_size=e.batch_size, maj=e.maj, seed=recipe.trainer.seed)
+    protocol = {"model": model_path, "template": d.template, "data": d.eval_source or d.source,
+                "skipped_long_prompts": skipped}
+    with MathVerifier(deadline_s=recipe.verifier.deadline_s, num_workers=recipe.verifier.num_workers) as verifier:
+        return evaluate(engine, examples, prompts, verifier, settings, accelerator=accelerator, out_dir=out_dir,
+                        protocol=protocol, progress=recipe.logging.progress, save_samples=save_samples)
+
+
+def eval_recipe_from_args(args) -> Recipe:
+    """The recipe ``rltk eval`` runs with: ``--recipe`` (or defaults) plus flags and overrides."""
+    from rltk.config import load_recipe_data
+
+    data = load_recipe_data(args.recipe) if args.recipe else {}
+    overrides = list(args.overrides)
+    flag_map = {"data": "data.eval_source", "split": "data.test_split", "n": "eval.n",
+                "num_problems": "eval.num_problems", "temperature": "eval.temperature", "top_p": "eval.top_p",
+                "max_new_tokens": "eval.max_new_tokens", "seed": "trainer.seed"}
+    for flag, key in flag_map.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.levels:
+        overrides.append(f"data.levels=[{args.levels}]")
+    if args.k:
+        overrides.append(f"eval.ks=[{args.k}]")
+    if args.data and args.data != "builtin" and not args.recipe:
+        overrides.append("data.template=boxed")
+    return build_recipe(data, overrides)
+
+
+def sft_and_evaluate(recipe: Recipe) -> tuple[Path, dict]:
+    """``rltk sft``: the warm start alone, then its held-out pass@k."""
+    from rltk.trainer.sft import run_sft
+
+    path = run_sft(recipe, force=True)
+    report = evaluate_model(recipe, str(path), Path(recipe.trainer.output_dir) / "eval" / "sft")
+    return path, report["summary"]
+
+
+# ---------------------------------------------------------------------------------- compare
+
+# Algorithm sections of the named variants; each replaces the recipe's advantage/loss/aggregation.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "grpo": {"advantage": [{"name": "grpo"}]},
+    "dr_grpo": {"advantage": [{"name": "dr_grpo"}], "aggregation": "seq_mean_token_sum_norm"},
+    "dapo": {"advantage": [{"name": "grpo"}, {"name": "zero_variance_filter"}],
+             "loss": {"name": "ppo_clip", "epsilon_low": 0.2, "epsilon_high": 0.28}, "aggregation": "token_mean"},
+    "rloo": {"advantage": [{"name": "rloo"}]},
+    "reinforce": {"advantage": [{"name": "reinforce", "baseline": "batch_mean"}]},
+    "psr": {"advantage": [{"name": "psr"}]},
+    "nsr": {"advantage": [{"name": "nsr"}]},
+    "w_reinforce": {"advantage": [{"name": "w_reinforce", "lam": 0.1}]},
+    "ace": {"advantage": [{"name": "grpo"}, {"name": "ace", "alpha": 1.0}]},
+    "resrl": {"advantage": [{"name": "grpo"}, {"name": "resrl"}]},
+}
+
+
+def variant_data(base: dict[str, Any], variant: str) -> dict[str, Any]:
+    """The raw recipe of one variant: a named algorithm preset, or a recipe file path."""
+    if variant in VARIANTS:
+        data = copy.deepcopy(base)
+        data.setdefault("algorithm", {}).update(copy.deepcopy(VARIANTS[variant]))
+        return data
+    if Path(variant).is_file():
+        from rltk.config import load_recipe_data
+
+        return load_recipe_data(variant)
+    raise ConfigError(f"--variants: unknown variant '{variant}'; named variants: {', '.join(VARIANTS)}, "
+                      "or a path to a recipe file")
+
+
+def compare(base: dict[str, Any], overrides: list[str], variants: list[str], output_dir: str | None):
+    """Train every variant from the same warm start, seed and data; one pass@k table and plot."""
+    from rltk.eval.report import write_comparison
+
+    variants = [v.strip() for v in variants if v.strip()]
+    recipes = {v: build_recipe(variant_data(base, v), overrides) for v in variants}  # validate all first
+    first = next(iter(recipes.values()))
+    out = Path(output_dir or Path(first.trainer.output_dir) / "compare")
+    start_model = _shared_warm_start(first, out)
+    reports: dict[str, dict] = {}
+    for name, recipe in recipes.items():
+        recipe.trainer.output_dir = str(out / name)
+        recipe.sft.enabled = False
+        if start_model:
+            recipe.model.name_or_path = start_model
+        result = train(recipe, evaluate_before=not reports)
+        if "before" in result:
+            reports["start"] = result["before"]
+        reports[name] = result["after"]
+    title = f"pass@k after RL (seed {first.trainer.seed})"
+    return write_comparison(out, reports, title), out
+
+
+def _shared_warm_start(recipe: Recipe, out: Path) -> str | None:
+    if not recipe.sft.enabled:
+        return None
+    from rltk.trainer.sft import run_sft
+
+    shared = copy.deepcopy(recipe)
+    shared.trainer.output_dir = str(out)
+    return str(run_sft(shared))
+
+
+# ---------------------------------------------------------------------------------- quickstart
+
+
+def quickstart(recipe: Recipe) -> str:
+    """Tiny model + built-in task: SFT warm start, RL, pass@k before/after, report, summary."""
+    from rltk.eval.report import write_comparison
+    from rltk.trainer.sft import run_sft
+
+    start = time.perf_counter()
+    sft_path = run_sft(recipe)
+    sft_seconds = time.perf_counter() - start
+    recipe.model.name_or_path = str(sft_path)
+    recipe.sft.enabled = False
+    start = time.perf_counter()
+    result = train(recipe)
+    rl_seconds = time.perf_counter() - start
+    out = Path(recipe.trainer.output_dir)
+    reports = {"warm start (SFT)": result["before"], f"after RL ({_algo_name(recipe)})": result["after"]}
+    table = write_comparison(out / "report", reports, f"built-in task, seed {recipe.trainer.seed}")
+    before, after = result["before"]["summary"], result["after"]["summary"]
+    n, t = recipe.eval.n, recipe.trainer
+    lines = [
+        f"rltk quickstart: seed {t.seed}, built-in task levels {recipe.data.levels}, "
+        f"{after['num_problems']} held-out problems",
+        f"SFT warm start: {recipe.sft.steps} steps in {sft_seconds:.0f} s -> {sft_path}",
+        f"RL ({_algo_name(recipe)}): {t.steps} steps x {t.prompts_per_step} prompts x {recipe.rollout.group_size} "
+        f"samples in {rl_seconds:.0f} s (incl. evaluation)",
+        f"held-out avg@{n}: {before['avg@n']:.3f} -> {after['avg@n']:.3f} "
+        f"({100 * (after['avg@n'] - before['avg@n']):+.1f} points)",
+        table,
+        f"report: {out / 'report' / 'comparison.md'} (curve: comparison.png)",
+        f"final model: {result['model_dir']}",
+    ]
+    return "\n".join(lines)
+
+
+def _algo_name(recipe: Recipe) -> str:
+    names = [a["name"] if isinstance(a, dict) else a for a in recipe.algorithm.advantage]
+    return "+".join(names)
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

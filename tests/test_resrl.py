@@ -1,0 +1,273 @@
+"""ResRL modifier (ALGORITHMS.md §3; Lin et al. 2026, arXiv 2605.00380)."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from rltk.algos import AlgorithmPipeline, StageError, get_stage
+from rltk.algos import resrl as resrl_module
+from rltk.algos.estimators import grpo
+from rltk.algos.negative import nsr
+from rltk.algos.resrl import layer_norm, positive_basis, quantile_weights, residual_distance, resrl
+from rltk.algos.types import Advantages, Rollouts
+
+SPEC_TOL = 1e-4
+P1 = [1.0, 1, 1, 1, -1, -1, -1, -1]
+P3 = [1.0, 1, -1, -1, 1, 1, -1, -1]
+N2 = [1.0, -1, 1, -1, 1, -1, 1, -1]
+N4 = [1.0, -1, -1, 1, 1, -1, -1, 1]
+
+
+def spec_hidden() -> torch.Tensor:
+    p1, p3, n2, n4 = (torch.tensor(v, dtype=torch.float64) for v in (P1, P3, N2, N4))
+    return torch.stack(
+        [torch.stack([p1, -p1]), torch.stack([p1, n2]), torch.stack([p1 + n2, n4]), torch.stack([p3, -p3])]
+    )  # [4, 2, 8]
+
+
+def make_rollouts(hidden, rewards, lengths=None, correct=None, group_ids=None, truncated=None):
+    rewards = torch.tensor(rewards, dtype=torch.float64)
+    n, width = hidden.shape[:2]
+    lengths = torch.tensor(lengths if lengths is not None else [width] * n)
+    return Rollouts(
+        group_ids=torch.tensor(group_ids if group_ids is not None else [0] * n),
+        rewards=rewards,
+        correct=torch.tensor(correct) if correct is not None else rewards > 0,
+        completion_mask=(torch.arange(width).unsqueeze(0) < lengths.unsqueeze(1)).double(),
+        truncated=torch.tensor(truncated) if truncated is not None else torch.zeros(n, dtype=torch.bool),
+        hidden=hidden,
+    )
+
+
+def spec_rollouts():
+    return make_rollouts(spec_hidden(), [1.0, 0.0, 0.0, 1.0])
+
+
+SPEC_TOKEN_ADV = torch.tensor(
+    [[0.086603, 0.086603], [-0.086603, -0.866025], [-0.309295, -0.866025], [0.086603, 0.086603]], dtype=torch.float64
+)
+
+
+# ---------------------------------------------------------------- the §3 vectors, step by step
+
+
+def test_steps_reproduce_d_quantiles_and_weights():
+    h = spec_hidden()
+    pos = layer_norm(torch.cat([h[0], h[3]]))
+    mean, basis = positive_basis(pos, rank=2, seed=0)
+    assert torch.allclose(mean, torch.zeros(8, dtype=torch.float64), atol=1e-12)
+    assert basis.shape == (8, 2)
+    d = residual_distance(layer_norm(torch.cat([h[1], h[2]])), mean, basis)
+    assert torch.allclose(d, torch.tensor([0.0, 1.0, 0.5, 1.0], dtype=torch.float64), atol=SPEC_TOL)
+    lo, hi = torch.quantile(d, 0.2), torch.quantile(d, 0.8)
+    assert lo.item() == pytest.approx(0.3, abs=SPEC_TOL) and hi.item() == pytest.approx(1.0, abs=SPEC_TOL)
+    w = quantile_weights(d, 0.2, 0.8, 0.1)
+    assert torch.allclose(w, torch.tensor([0.1, 1.0, 0.357143, 1.0], dtype=torch.float64), atol=SPEC_TOL)
+
+
+def test_layer_norm_is_parameter_free_with_eps():
+    h = torch.tensor([[1.0, 3.0]], dtype=torch.float64)  # mean 2, var 1
+    assert torch.allclose(layer_norm(h), torch.tensor([[-1.0, 1.0]], dtype=torch.float64) / (1 + 1e-5) ** 0.5)
+    assert layer_norm(h.to(torch.bfloat16)).dtype == torch.float32
+
+
+def test_token_advantage_vector_and_metrics():
+    rollouts = spec_rollouts()
+    out = resrl(rollouts, grpo(rollouts), rank=2)
+    assert out.values.shape == (4, 2)
+    assert torch.allclose(out.values, SPEC_TOKEN_ADV, atol=SPEC_TOL)
+    m = out.metrics
+    assert (m["groups_used"], m["groups_skipped"]) == (1.0, 0.0)
+    assert m["residual_mean"] == pytest.approx(2.5 / 4, abs=SPEC_TOL)
+    assert m["weight_p50"] == pytest.approx((0.357143 + 1.0) / 2, abs=SPEC_TOL)
+    assert m["weight_p10"] < m["weight_p50"] <= m["weight_p90"] == pytest.approx(1.0)
+    assert m["seconds"] >= 0
+
+
+def test_pipeline_and_gradient_match_analytic():
+    rollouts = spec_rollouts()
+    pipe = AlgorithmPipeline(["grpo", {"name": "resrl", "rank": 2}], loss="reinforce", aggregation="token_mean")
+    adv, metrics = pipe.compute_advantages(rollouts)
+    assert metrics["resrl/groups_used"] == 1.0
+    mask = rollouts.completion_mask
+    logps = (-torch.rand(4, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    per_token, _ = pipe.per_token_loss(logps, rollouts, adv)
+    loss = pipe.aggregate(per_token, mask, pipe.normalizer(mask, 2))
+    loss.backward()
+    assert torch.allclose(logps.grad, -SPEC_TOKEN_ADV / 8, atol=SPEC_TOL / 8)
+
+
+def test_token_level_input_equals_broadcast_input():
+    rollouts = spec_rollouts()
+    adv = grpo(rollouts)
+    per_seq = resrl(rollouts, adv, rank=2)
+    per_tok = resrl(rollouts, Advantages(adv.per_token(2).clone()), rank=2)
+    assert torch.allclose(per_seq.values, per_tok.values)
+
+
+def test_needs_follow_layer():
+    stage = get_stage("modifier", "resrl")
+    assert stage.needs({}) == {"hidden(-2)"}
+    assert stage.needs({"layer": -4}) == {"hidden(-4)"}
+    assert AlgorithmPipeline(["grpo", {"name": "resrl", "layer": 5}]).needs() == {"hidden(5)"}
+
+
+# ---------------------------------------------------------------- groups that fail the condition
+
+
+def test_all_correct_group_gets_pos_weight_only():
+    rollouts = make_rollouts(spec_hidden(), [1.0] * 4)
+    adv = Advantages(torch.tensor([0.5, -0.5, 1.0, 2.0], dtype=torch.float64))
+    out = resrl(rollouts, adv, rank=2)
+    assert torch.allclose(out.values, 0.1 * adv.per_token(2))
+    assert (out.metrics["groups_used"], out.metrics["groups_skipped"]) == (0.0, 1.0)
+    assert out.metrics["weight_p50"] == 1.0
+
+
+def test_all_wrong_group_keeps_advantages():
+    rollouts = make_rollouts(spec_hidden(), [0.0] * 4)
+    out = resrl(rollouts, nsr(rollouts), rank=2)
+    assert torch.equal(out.values, -torch.ones(4, 2, dtype=torch.float64))
+    assert out.keep.tolist() == [True] * 4
+    assert out.metrics["groups_skipped"] == 1.0
+
+
+def test_groups_of_one_are_skipped():
+    rollouts = make_rollouts(spec_hidden(), [1.0, 0.0, 0.0, 1.0], group_ids=[0, 1, 2, 3])
+    adv = Advantages(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64))
+    out = resrl(rollouts, adv)
+    expected = torch.tensor([0.1, -1.0, -1.0, 0.1], dtype=torch.float64).unsqueeze(-1).expand(4, 2)
+    assert torch.allclose(out.values, expected)
+    assert out.metrics["groups_skipped"] == 4.0
+
+
+def test_fewer_than_four_correct_tokens_skips_the_group():
+    rollouts = make_rollouts(spec_hidden(), [1.0, 0.0, 0.0, 1.0], lengths=[2, 2, 2, 1])  # 3 correct tokens
+    adv = grpo(rollouts)
+    out = resrl(rollouts, adv, rank=2)
+    assert out.metrics["groups_used"] == 0.0
+    assert torch.allclose(out.values[1:3], adv.per_token(2)[1:3])  # wrong: unchanged
+    assert torch.allclose(out.values[[0, 3]], 0.1 * adv.per_token(2)[[0, 3]])
+
+
+def test_empty_wrong_completion_has_no_tokens():
+    """An empty wrong completion neither sets the quantiles nor blocks the group."""
+    h = torch.cat([spec_hidden(), torch.full((1, 2, 8), 7.0, dtype=torch.float64)])
+    rollouts = make_rollouts(h, [1.0, 0.0, 0.0, 1.0, 0.0], lengths=[2, 2, 2, 2, 0])
+    out = resrl(rollouts, Advantages(torch.tensor([0.866025, -0.866025, -0.866025, 0.866025, -0.5], dtype=torch.float64)), rank=2)
+    assert torch.allclose(out.values[:4], SPEC_TOKEN_ADV, atol=SPEC_TOL)
+    assert out.metrics["groups_used"] == 1.0
+    only_empty_wrong = make_rollouts(h[[0, 3, 4]], [1.0, 1.0, 0.0], lengths=[2, 2, 0])
+    assert resrl(only_empty_wrong, grpo(only_empty_wrong)).metrics["groups_skipped"] == 1.0
+
+
+def test_dropped_truncated_completion_is_ignored():
+    """A dropped (mask_truncated) wrong completion does not move the group's quantiles."""
+    h = torch.cat([spec_hidden(), torch.randn(1, 2, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))])
+    rollouts = make_rollouts(h, [1.0, 0.0, 0.0, 1.0, 0.0], truncated=[False, False, False, False, True])
+    adv = Advantages(torch.tensor([0.866025, -0.866025, -0.866025, 0.866025, -1.0], dtype=torch.float64))
+    dropped = get_stage("modifier", "mask_truncated").fn(rollouts, adv)
+    out = resrl(rollouts, dropped, rank=2)
+    assert out.keep.tolist() == [True, True, True, True, False]
+    assert torch.allclose(out.values[:4], SPEC_TOKEN_ADV, atol=SPEC_TOL)
+    assert torch.allclose(out.values[4], torch.tensor([-1.0, -1.0], dtype=torch.float64))
+
+
+def test_flat_distances_give_midpoint_weight():
+    p1 = torch.tensor(P1, dtype=torch.float64)
+    n2 = torch.tensor(N2, dtype=torch.float64)
+    h = torch.stack([torch.stack([p1, -p1]), torch.stack([n2, n2]), torch.stack([-n2, n2]), torch.stack([p1, -p1])])
+    rollouts = make_rollouts(h, [1.0, 0.0, 0.0, 1.0])
+    out = resrl(rollouts, Advantages(torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=torch.float64)), rank=2)
+    assert torch.allclose(out.values[1:3], torch.full((2, 2), -0.55, dtype=torch.float64), atol=1e-6)
+
+
+def test_groups_are_independent():
+    h = torch.cat([spec_hidden(), spec_hidden()])
+    rollouts = make_rollouts(h, [1.0, 0.0, 0.0, 1.0] * 2, group_ids=[3] * 4 + [9] * 4)
+    out = resrl(rollouts, grpo(rollouts), rank=2)
+    assert out.metrics["groups_used"] == 2.0
+    assert torch.allclose(out.values, torch.cat([SPEC_TOKEN_ADV, SPEC_TOKEN_ADV]), atol=SPEC_TOL)
+
+
+# ---------------------------------------------------------------- numerics and determinism
+
+
+def test_randomized_basis_path_matches_and_leaves_global_rng_alone(monkeypatch):
+    monkeypatch.setattr(resrl_module, "EXACT_SVD_MAX_ELEMENTS", 0)
+    rollouts = spec_rollouts()
+    state = torch.get_rng_state()
+    out = resrl(rollouts, grpo(rollouts), rank=2)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.allclose(out.values, SPEC_TOKEN_ADV, atol=SPEC_TOL)
+    torch.manual_seed(123)
+    again = resrl(rollouts, grpo(rollouts), rank=2)
+    assert torch.equal(out.values, again.values)
+
+
+def _many_positive_tokens():
+    gen = torch.Generator().manual_seed(11)
+    h = torch.randn(6, 5, 16, generator=gen, dtype=torch.float64)
+    return make_rollouts(h, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0])  # 15 correct tokens
+
+
+def test_subsampling_is_seeded_locally():
+    rollouts = _many_positive_tokens()
+    adv = grpo(rollouts)
+    state = torch.get_rng_state()
+    first = resrl(rollouts, adv, rank=3, max_pos_tokens=6, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)
+    assert torch.equal(first.values, resrl(rollouts, adv, rank=3, max_pos_tokens=6, seed=7).values)
+    full = resrl(rollouts, adv, rank=3)
+    assert full.metrics["groups_used"] == first.metrics["groups_used"] == 1.0
+    others = [resrl(rollouts, adv, rank=3, max_pos_tokens=6, seed=s).values for s in range(4)]
+    assert any(not torch.equal(others[0], o) for o in others[1:])  # the subset matters
+
+
+def test_low_precision_hidden_and_detached_output():
+    rollouts = replace(spec_rollouts(), hidden=spec_hidden().to(torch.bfloat16).requires_grad_(True))
+    adv = grpo(rollouts)
+    out = resrl(rollouts, adv, rank=2)
+    assert not out.values.requires_grad and out.values.dtype == adv.values.dtype
+    assert torch.allclose(out.values, SPEC_TOKEN_ADV, atol=SPEC_TOL)
+
+
+def test_rank_is_capped_by_rows():
+    """k = min(rank, rows − 1, H): rank 64 on 4 rows uses k = 3."""
+    h = spec_hidden()
+    mean, basis = positive_basis(layer_norm(torch.cat([h[0], h[3]])), rank=64, seed=0)
+    assert basis.shape == (8, 3)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"rank": 0},
+        {"rank": 2.5},
+        {"max_pos_tokens": 3},
+        {"q_low": 0.8, "q_high": 0.2},
+        {"q_high": 1.5},
+        {"min_weight": -0.1},
+        {"min_weight": 2.0},
+        {"pos_weight": -1.0},
+        {"seed": "0"},
+        {"layer": True},
+    ],
+)
+def test_invalid_knobs_raise_one_line(params):
+    with pytest.raises(StageError, match=r"^resrl: ") as info:
+        resrl(spec_rollouts(), grpo(spec_rollouts()), **params)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_or_misshapen_hidden():
+    with pytest.raises(StageError, match=r"hidden\(-2\)"):
+        resrl(replace(spec_rollouts(), hidden=None), grpo(spec_rollouts()))
+    with pytest.raises(StageError, match=r"\[N, T, H\]"):
+        resrl(replace(spec_rollouts(), hidden=spec_hidden()[:, :1]), grpo(spec_rollouts()))

@@ -1,0 +1,27 @@
+"""User stages selected by import path in tests (``tests.user_stages:fn``), as a recipe would."""
+from __future__ import annotations
+
+import torch
+
+from rltk.algos.types import Advantages, Rollouts
+
+
+def double_reward(rollouts: Rollouts, *, factor: float = 2.0) -> Advantages:
+    """An estimator: A = factor · r."""
+    return Advantages(rollouts.rewards * factor, metrics={"factor": factor})
+
+
+def needs_ref(rollouts: Rollouts, advantages: Advantages) -> Advantages:
+    """A modifier that declares a need through a ``needs`` attribute."""
+    return Advantages(advantages.values, keep=advantages.keep)
+
+
+needs_ref.needs = {"ref_logps"}
+
+
+def plain_sum(per_token_loss: torch.Tensor, mask: torch.Tensor, normalizer: float) -> torch.Tensor:
+    """An aggregation without a ``normalizer`` attribute: rejected."""
+    return (per_token_loss * mask).sum()
+
+
+NOT_CALLABLE = 3
