@@ -12,6 +12,9 @@ __all__ = ["TEMPLATES", "format_prompt"]
 TEMPLATES: dict[str, str] = {
     # Short prompt for the built-in task and the tiny character-level model.
     "builtin": "Q: {question}\nAnswer in \\boxed{{}}.\nA: ",
+    # The same without the instruction: half the tokens, for the quickstart's tiny model, which
+    # learns the \boxed{} answer format from its SFT warm start rather than by reading.
+    "compact": "Q: {question}\nA: ",
     # The standard instruction of real math models (Qwen2.5-Math, DeepSeek-R1 evaluations).
     "boxed": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
     "plain": "{question}",

@@ -58,6 +58,9 @@ class RLTrainer:
         if self.accelerator.is_main_process:
             check_writable(self.out)
         set_seed(t.seed, device_specific=True)
+        self.step = 0
+        self.bad_steps = 0
+        self.counters: dict[str, int] = defaultdict(int)
         self.pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
                                           recipe.algorithm.aggregation, recipe.algorithm.terms)
         self.updates_per_batch = t.ppo_epochs * t.mini_batches
@@ -76,9 +79,6 @@ class RLTrainer:
 
         self.verifier = MathVerifier(deadline_s=recipe.verifier.deadline_s, num_workers=recipe.verifier.num_workers)
         self.reward_fns = [(r.name, get_reward_function(r.name), r.weight) for r in recipe.rewards]
-        self.step = 0
-        self.bad_steps = 0
-        self.counters: dict[str, int] = defaultdict(int)
         if resume:
             self._resume()
 
@@ -260,13 +260,28 @@ class RLTrainer:
 
     def optimize(self, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, float]:
         """One optimizer step on ``rows`` of this rank's batch (a mini-batch of whole groups)."""
+        metrics = self.accumulate_gradients(batch, rows)
+        if metrics.get("empty_step"):
+            self.counters["empty_steps"] += 1
+            return metrics
+        max_norm = self.recipe.trainer.max_grad_norm or float("inf")
+        metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        self._apply_update(metrics)
+        return metrics
+
+    def accumulate_gradients(self, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, float]:
+        """Forward and backward every micro-batch of ``rows``; gradients are left in ``.grad``.
+
+        The loss of each micro-batch is divided by the step normaliser summed over all ranks and
+        multiplied by the number of ranks, so DDP's gradient averaging yields the global sum.
+        """
         acc = self.accelerator
         mask_all = batch.rollouts.completion_mask * batch.advantages.kept().float().unsqueeze(-1)
         step_mask = mask_all[rows]
         local = self.pipeline.normalizer(step_mask, self.recipe.rollout.max_new_tokens)
         normalizer = float(acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum"))
         if normalizer <= 0:
-            self.counters["empty_steps"] += 1
             return {"loss": 0.0, "empty_step": 1.0}
         needs_entropy = "entropy" in self.needs
         temperature = self.recipe.rollout.temperature
@@ -296,15 +311,11 @@ class RLTrainer:
             for name, value in token_metrics.items():
                 token_sums[name] += float((value.detach() * mask_mb).sum())
             token_count += float(mask_mb.sum())
-        max_norm = self.recipe.trainer.max_grad_norm or float("inf")
-        grad_norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-        loss_value = float(acc.reduce(loss_total.to(acc.device), "sum"))
-        metrics = {"loss": loss_value, "grad_norm": float(grad_norm), "lr": self.scheduler.get_last_lr()[0],
+        metrics = {"loss": float(acc.reduce(loss_total.to(acc.device), "sum")),
                    "time/forward": t_forward, "time/backward": t_backward}
         sums = acc.reduce(torch.tensor([token_count, *token_sums.values()], dtype=torch.float64, device=acc.device), "sum")
         for name, total in zip(token_sums, sums[1:].tolist()):
             metrics[name] = total / max(float(sums[0]), 1.0)
-        self._apply_update(metrics)
         return metrics
 
     def _apply_update(self, metrics: dict[str, float]) -> None:

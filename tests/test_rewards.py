@@ -1,0 +1,397 @@
+"""Tests for rewards/: answer extraction, the math grader (table of hand-labelled cases), the
+verifier pool's deadline and worker replacement, equivalence classes, format reward, registry."""
+
+from __future__ import annotations
+
+import builtins
+import multiprocessing
+import os
+import signal
+import time
+
+import pytest
+
+import rewards.math
+from rewards import (
+    REWARD_FUNCTIONS,
+    VERIFIER_VERSION,
+    MathVerifier,
+    VerifierPool,
+    clean_answer,
+    format_reward,
+    get_reward_function,
+    last_boxed,
+    math_reward,
+    normalize_answer,
+)
+from rewards.pool import check_pair
+
+DEADLINE_S = 2.0
+NUM_WORKERS = 2
+BOMB = r"9^{9^{9^{9}}}"  # big-integer work math-verify's own timeout cannot interrupt
+MB_PROSE = "The reasoning goes on. " * 45_000  # ~1 MB
+
+
+@pytest.fixture(scope="module")
+def verifier():
+    with MathVerifier(deadline_s=DEADLINE_S, num_workers=NUM_WORKERS) as v:
+        v.score([r"\boxed{2}"], ["x"])  # waits until the workers are warm
+        yield v
+
+
+def _workers() -> set[int]:
+    return {p.pid for p in multiprocessing.active_children() if p.name == "rltk-verifier"}
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so \boxed{42}.", "42"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces do not close the box
+        (r"\boxed{a_{1}^{2}}", "a_{1}^{2}"),
+        (r"\boxed {7}", "7"),
+        (r"\fbox{7}", "7"),
+        (r"\boxed{1} or \boxed{2}", "2"),
+        (r"\boxed{1} and then \boxed{2", "1"),  # the last *balanced* box
+        (r"\boxed{\boxed{3}}", "3"),
+        (r"\boxed{a}}", "a"),
+        (r"\boxed{}", ""),
+        (r"\boxed{3", None),
+        (r"\boxedx{3}", None),
+        ("no box here", None),
+        ("", None),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (MB_PROSE + r"\boxed{5}", "5"),
+        ("{" * 1_000_000 + r"\boxed{5}", "5"),
+        (r"\boxed{" * 150_000, None),
+        ((r"\boxed{1}" + "x" * 90) * 10_000, "1"),
+    ],
+    ids=["prose", "open-braces", "open-boxes", "many-boxes"],
+)
+def test_last_boxed_is_linear_on_1mb(text, expected):
+    start = time.perf_counter()
+    assert last_boxed(text) == expected
+    normalize_answer(text)
+    assert time.perf_counter() - start < 1.0
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+        (r"\left( 1, 2 \right]", "(1,2]"),
+        ("$3$.", "3"),
+        (r"\$5", "5"),
+        ("1,000", "1000"),
+        ("1{,}000", "1000"),
+        (r"10,\!080", "10080"),
+        (r"1\,000", "1000"),
+        ("-12,345.5", "-12345.5"),
+        (r"10\%", "10"),
+        (r"90^\circ", "90"),
+        (r"5 \text{ cm}", "5"),
+        (r"x \in [1, 2]", r"x\in[1,2]"),
+        ("\u22123", "-3"),
+    ],
+)
+def test_normalize_answer_equal(a, b):
+    assert normalize_answer(a) == normalize_answer(b)
+
+
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        ("1 2", "12"),  # math-verify reads `1 2` as 3
+        (r"\pi r", r"\pir"),
+        ("1,5", "15"),
+        ("1,0000", "10000"),
+        ("0,100", "100"),
+        ("(1,000)", "1000"),
+        (r"\rightarrow", "arrow"),
+        ("-12", "12"),
+        ("[1,2]", "(1,2)"),
+        ("3.5", "35"),
+        (r"2\mathrm{e}", "2"),  # \mathrm is not taken for a unit
+    ],
+)
+def test_normalize_answer_conservative(a, b):
+    assert normalize_answer(a) != normalize_answer(b)
+
+
+def test_clean_answer_keeps_percent_for_math_verify():
+    assert clean_answer(r"50\%") == r"50\%"  # math-verify accepts 50% for both 50 and 0.5
+
+
+# --------------------------------------------------------------------------- grader table
+
+# (gold, completion, expected correct, expected reason), hand-labelled.
+GRADER_CASES = [
+    # equivalent forms
+    ("5", r"The answer is \boxed{5}.", True, "ok"),
+    (r"\frac{1}{2}", r"\boxed{0.5}", True, "ok"),
+    ("0.5", r"\boxed{\frac{1}{2}}", True, "ok"),
+    (r"\frac{1}{2}", r"\boxed{1/2}", True, "ok"),
+    (r"\frac{1}{2}", r"\boxed{\frac12}", True, "ok"),  # valid TeX: accepted (strict=False)
+    (r"\frac{1}{2}", r"\boxed{\dfrac{1}{2}}", True, "ok"),
+    (r"\frac{3}{4}", r"\boxed{0.75}", True, "ok"),
+    ("0.75", r"\boxed{75\%}", True, "ok"),
+    (r"50\%", r"\boxed{50}", True, "ok"),
+    ("5", r"\boxed{5 \text{ cm}}", True, "ok"),
+    ("5", r"\boxed{5\,\text{cm}}", True, "ok"),
+    ("10", r"\boxed{10^{\circ}}", True, "ok"),
+    ("x + 1", r"\boxed{1+x}", True, "ok"),
+    ("x=3", r"\boxed{3}", True, "ok"),
+    (r"\{1,2\}", r"\boxed{2, 1}", True, "ok"),
+    ("1,2", r"\boxed{\{2,1\}}", True, "ok"),
+    ("[1,2]", r"\boxed{[1, 2]}", True, "ok"),
+    (r"(-\infty, 2]", r"\boxed{(-\infty,2]}", True, "ok"),
+    ("-3", r"\boxed{-3}", True, "ok"),
+    ("-3", "\\boxed{\u22123}", True, "ok"),
+    ("4", r"\boxed{\sqrt{16}}", True, "ok"),
+    (r"\frac{\sqrt{2}}{2}", r"\boxed{\frac{1}{\sqrt{2}}}", True, "ok"),
+    (r"\pi", r"$\boxed{\pi}$", True, "ok"),
+    (r"\text{(B)}", r"\boxed{B}", True, "ok"),
+    ("3", r"\boxed{3.}", True, "ok"),
+    ("2", r"\boxed {2}", True, "ok"),
+    ("7", r"\fbox{7}", True, "ok"),
+    (r"We find $x = 4$, so \boxed{4}.", r"\boxed{4}", True, "ok"),  # gold solution: its box
+    # thousands separators
+    ("1000", r"\boxed{1,000}", True, "ok"),
+    ("1000", r"\boxed{1\,000}", True, "ok"),
+    ("10080", r"\boxed{10,\!080}", True, "ok"),
+    ("1000000", r"\boxed{1{,}000{,}000}", True, "ok"),
+    ("1000", r"\boxed{1,0000}", False, "ok"),  # not groups of three: a set {1, 0}
+    ("15", r"\boxed{1,5}", False, "ok"),
+    # near misses
+    (r"\frac{1}{3}", r"\boxed{0.33}", False, "ok"),
+    ("12", r"\boxed{-12}", False, "ok"),
+    ("[1,2]", r"\boxed{(1,2)}", False, "ok"),
+    ("12", r"\boxed{1 2}", False, "ok"),
+    (r"\frac{1}{2}", r"\boxed{2}", False, "ok"),
+    ("x+1", r"\boxed{x-1}", False, "ok"),
+    # several boxes: the last balanced one counts
+    ("2", r"\boxed{1} no wait, \boxed{2}", True, "ok"),
+    ("1", r"\boxed{1} no wait, \boxed{2}", False, "ok"),
+    ("5", r"\boxed{5} and then \boxed{6", True, "ok"),
+    # malformed
+    ("5", "The answer is 5.", False, "no_answer"),
+    ("5", r"\boxed{5", False, "no_answer"),
+    ("5", "", False, "no_answer"),
+    ("5", r"\boxed{}", False, "no_answer"),
+    ("5", r"\boxed{ $ }", False, "no_answer"),
+    ("5", MB_PROSE + r"\boxed{5}", True, "ok"),
+    ("5", MB_PROSE, False, "no_answer"),
+    # hostile
+    ("1", rf"\boxed{{{BOMB}}}", False, "timeout"),
+]
+
+
+def test_grader_table(verifier):
+    golds = [gold for gold, _, _, _ in GRADER_CASES]
+    completions = [completion for _, completion, _, _ in GRADER_CASES]
+    start = time.perf_counter()
+    verdicts = verifier.score(completions, golds)
+    elapsed = time.perf_counter() - start
+    got = [(v.correct, v.reason) for v in verdicts]
+    expected = [(correct, reason) for _, _, correct, reason in GRADER_CASES]
+    cases = zip(golds, completions, expected, got)
+    mismatches = [(g, c[:60], e, o) for g, c, e, o in cases if e != o]
+    assert not mismatches
+    assert [v.reward for v in verdicts] == [1.0 if correct else 0.0 for correct, _ in expected]
+    assert elapsed < DEADLINE_S + 1.0  # the bomb is cut at the deadline; the rest goes on
+
+
+def test_grader_table_is_large_enough():
+    assert len(GRADER_CASES) >= 45
+
+
+def test_strict_rejects_frac12():
+    assert check_pair(r"\frac{1}{2}", r"\frac12", strict=True) == (False, "parse_error")
+    assert check_pair(r"\frac{1}{2}", r"\frac12", strict=False) == (True, "ok")
+
+
+def test_verdict_keeps_extracted_answer(verifier):
+    (verdict,) = verifier.score([r"so \boxed{\frac{2}{4}}."], ["0.5"])
+    assert (verdict.reward, verdict.correct, verdict.reason) == (1.0, True, "ok")
+    assert verdict.extracted == r"\frac{2}{4}"
+
+
+def test_score_rejects_length_mismatch(verifier):
+    with pytest.raises(ValueError, match="2 completions but 1 answers"):
+        verifier.score(["a", "b"], ["1"])
+
+
+def test_verifier_version():
+    assert VERIFIER_VERSION.startswith("rltk-math/1 math-verify==")
+
+
+# --------------------------------------------------------------------------- hostile input
+
+INJECTIONS = [
+    "__import__('os').system('touch MARKER_PATH')",
+    "eval(\"open('MARKER_PATH', 'w')\")",
+    "exec('import os; os.system(\"touch MARKER_PATH\")')",
+    "open('MARKER_PATH', 'w').write('x')",
+    "(lambda: __import__('os').system('touch MARKER_PATH'))()",
+    r"\text{__import__('os').system('touch MARKER_PATH')}",
+    "__import__('subprocess').run(['touch', 'MARKER_PATH'])",
+]
+
+
+def test_code_injection_never_runs(verifier, tmp_path, monkeypatch):
+    marker = tmp_path / "MARKER"
+    answers = ["\\boxed{" + text.replace("MARKER_PATH", str(marker)) + "}" for text in INJECTIONS]
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("eval/exec called in the parent")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(builtins, "eval", forbidden)
+        patch.setattr(builtins, "exec", forbidden)
+        verdicts = verifier.score(answers, ["5"] * len(answers))
+        classes = verifier.equivalence_classes([last_boxed(a) for a in answers])
+    assert not any(v.correct for v in verdicts)
+    assert {v.reason for v in verdicts} <= {"ok", "parse_error"}
+    assert len(classes) == len(answers)
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------- pool
+
+
+def test_timed_out_worker_is_replaced(verifier):
+    pool = verifier.pool
+    before = _workers()
+    start = time.perf_counter()
+    bomb = ("7", BOMB)  # not the grader table's pair, which is cached by now
+    normal = [(str(i), rf"\frac{{{2 * i}}}{{2}}") for i in range(400)]
+    assert pool.verify([bomb, *normal]) == [(False, "timeout")] + [(True, "ok")] * 400
+    # the 400 go on the other worker meanwhile (~5 ms each on one core)
+    assert time.perf_counter() - start < DEADLINE_S + 2.0
+    after = _workers()
+    assert len(before - after) == 1 and len(after - before) == 1  # one killed, one new
+    assert pool.num_alive == NUM_WORKERS
+    batch = [(str(i), f"{2 * i}/2") for i in range(20)]  # the replacement warms up
+    assert pool.verify(batch) == [(True, "ok")] * 20
+    # verdicts are cached: the bomb is not run again
+    start = time.perf_counter()
+    assert pool.verify([bomb]) == [(False, "timeout")]
+    assert time.perf_counter() - start < 0.5
+
+
+def test_dead_idle_worker_is_replaced(verifier):
+    pool = verifier.pool
+    victim = min(_workers())
+    os.kill(victim, signal.SIGKILL)
+    while victim in _workers():
+        time.sleep(0.01)
+    batch = [(str(i), f"{3 * i}/3") for i in range(100, 120)]
+    assert pool.verify(batch) == [(True, "ok")] * 20
+    assert pool.num_alive == NUM_WORKERS
+
+
+def test_single_worker_pool_lifecycle():
+    pool = VerifierPool(num_workers=1, deadline_s=DEADLINE_S)
+    assert pool.num_alive == 0
+    assert pool.verify([]) == []
+    assert pool.num_alive == 0  # started lazily, by the first real item
+    with pool:
+        assert pool.num_alive == 1
+        # the second item can only be scored by the replacement of the killed worker
+        expected = [(False, "timeout"), (True, "ok")]
+        assert pool.verify([("8", BOMB), (r"\frac{1}{2}", "0.5")]) == expected
+        assert pool.num_alive == 1
+    assert pool.num_alive == 0
+
+
+def test_pool_rejects_bad_settings():
+    with pytest.raises(ValueError, match="num_workers"):
+        VerifierPool(num_workers=0)
+    with pytest.raises(ValueError, match="deadline_s"):
+        VerifierPool(deadline_s=0)
+
+
+# --------------------------------------------------------------------------- maj@k classes
+
+
+def test_equivalence_classes(verifier):
+    answers = ["1/2", "0.5", r"\frac{1}{2}", "2", None, "", "x", "1,000", "1000", r"\dfrac12"]
+    assert verifier.equivalence_classes(answers) == [0, 0, 0, 1, None, None, 2, 3, 3, 0]
+
+
+def test_equivalence_classes_empty(verifier):
+    assert verifier.equivalence_classes([]) == []
+    assert verifier.equivalence_classes([None]) == [None]
+
+
+# --------------------------------------------------------------------------- TRL reward functions
+
+
+def test_math_reward_trl_signature(verifier, monkeypatch):
+    monkeypatch.setattr(rewards.math, "_default_verifier", verifier)
+    completions = [
+        r"\boxed{4}",
+        [{"role": "assistant", "content": r"so \boxed{5}"}],
+        [{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{4}"}]}],
+        r"\boxed{4}",
+        "no answer",
+    ]
+    answers = ["4", "4", "4", None, "4"]
+    assert math_reward(completions, answer=answers, prompts=["q"] * 5) == [1.0, 0.0, 1.0, None, 0.0]
+
+
+@pytest.mark.parametrize(
+    "completion, expected",
+    [
+        (r"The answer is \boxed{5}", 1.0),
+        (r"The answer is $\boxed{5}$.", 1.0),
+        ("so\n\\[\\boxed{5}\\]\n", 1.0),
+        (r"**\boxed{5}**", 1.0),
+        ([{"role": "assistant", "content": r"\boxed{5}."}], 1.0),
+        (r"\boxed{5} is the answer", 0.0),
+        (r"\boxed{4} or \boxed{5}", 0.0),
+        (r"\boxed{\boxed{5}}", 0.0),
+        (r"\boxed{5", 0.0),
+        ("5", 0.0),
+        ("", 0.0),
+    ],
+)
+def test_format_reward(completion, expected):
+    assert format_reward([completion]) == [expected]
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def test_registry_names():
+    assert get_reward_function("math") is math_reward
+    assert get_reward_function("format") is format_reward
+    assert set(REWARD_FUNCTIONS) == {"math", "format"}
+
+
+def test_registry_import_path():
+    assert get_reward_function("rewards.format:format_reward") is format_reward
+
+
+@pytest.mark.parametrize(
+    "name", ["nope", "no_such_module_xyz:fn", "rewards.format:nope", "rewards:__doc__"]
+)
+def test_registry_unknown(name):
+    with pytest.raises(ValueError) as err:
+        get_reward_function(name)
+    message = str(err.value)
+    assert "\n" not in message and name in message
+    if ":" not in name:
+        assert "math, format" in message
