@@ -31,6 +31,8 @@ def small_recipe_data(model_dir: str, output_dir, **sections) -> dict:
         "eval": {"n": 2, "temperature": 1.0, "top_p": 1.0, "maj": False},
         "verifier": {"deadline_s": 3.0, "num_workers": 1},
         "logging": {"progress": False},
+        # math (correctness, usually 0 for a random model) + a dense reward so advantages are non-zero
+        "rewards": [{"name": "math"}, {"name": "tests.user_stages:digit_share_reward"}],
     }
     for section, values in sections.items():
         data.setdefault(section, {}).update(values) if isinstance(values, dict) else data.__setitem__(section, values)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections import defaultdict
 from dataclasses import replace
@@ -33,7 +34,7 @@ from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.rollout.base import SamplingParams
 from rltk.rollout.factory import make_engine
 from rltk.trainer.checkpoint import latest_checkpoint, save_checkpoint
-from rltk.trainer.logprobs import forward_logps
+from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
 from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
 
@@ -85,6 +86,10 @@ class RLTrainer:
     # ------------------------------------------------------------------ setup
     def _check_layout(self) -> None:
         t, world = self.recipe.trainer, self.accelerator.num_processes
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != world:
+            raise ConfigError(f"launched with {launched} processes but accelerate sees {world}: on a machine without "
+                              "GPUs use `accelerate launch --cpu` (or set ACCELERATE_USE_CPU=true)")
         if t.steps % self.updates_per_batch:
             raise ConfigError(f"trainer.steps ({t.steps}) must be a multiple of ppo_epochs × mini_batches "
                               f"({self.updates_per_batch})")
@@ -162,13 +167,17 @@ class RLTrainer:
 
     # ------------------------------------------------------------------ one rollout batch
     def collect(self) -> RolloutBatch:
-        """Sample this rank's prompt groups, score them, run the requested forwards, compute advantages."""
-        t, r = self.recipe.trainer, self.recipe.rollout
-        acc = self.accelerator
+        """This rank's share of the next rollout batch from the sampler."""
+        t, acc = self.recipe.trainer, self.accelerator
         indices = self.sampler.next_indices(t.prompts_per_step)
         per_rank = t.prompts_per_step // acc.num_processes
-        # rank k takes every world-th block of per-update prompts so each mini-batch spans all ranks
-        mine = self._rank_share(indices)
+        first_group = self.step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
+        return self.rollout_batch(self._rank_share(indices), first_group)
+
+    def rollout_batch(self, mine: list[int], first_group: int) -> RolloutBatch:
+        """Sample groups for training prompts ``mine``, score them, run the requested forwards and
+        compute advantages. ``first_group`` makes group ids unique across steps and ranks."""
+        t, r = self.recipe.trainer, self.recipe.rollout
         examples = [self.train_examples[i] for i in mine]
         timings = {}
         start = time.perf_counter()
@@ -182,9 +191,6 @@ class RLTrainer:
         rewards, missing = combine_rewards(generation.texts, columns, verdicts, self.reward_fns)
         timings["time/score"] = time.perf_counter() - start
         self.counters["reward_none"] += missing
-        first_group = self.step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
-        from rltk.trainer.logprobs import TokenBatch
-
         tokens = TokenBatch(generation.prompt_ids, generation.prompt_mask, generation.completion_ids,
                             generation.completion_mask)
         rollouts = Rollouts(
@@ -193,6 +199,7 @@ class RLTrainer:
             correct=torch.tensor([v.correct for v in verdicts], dtype=torch.bool),
             completion_mask=generation.completion_mask.float(),
             truncated=generation.truncated,
+            extra={"step": self.step},
         )
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.model, reference=self.reference,

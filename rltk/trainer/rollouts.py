@@ -20,6 +20,14 @@ class RolloutBatch:
     texts: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
 
+    def select(self, rows: torch.Tensor) -> "RolloutBatch":
+        """Rows ``rows`` (whole groups) of tokens, rollouts, advantages and texts."""
+        adv = self.advantages
+        advantages = None if adv is None else Advantages(
+            adv.values[rows], None if adv.keep is None else adv.keep[rows], adv.metrics)
+        return RolloutBatch(self.tokens.rows(rows), self.rollouts.select(rows), advantages,
+                            [self.texts[i] for i in rows.tolist()], self.metrics)
+
 
 def hidden_layers(needs: set[str]) -> tuple[int, ...]:
     """Layer indices requested as ``hidden(L)``."""

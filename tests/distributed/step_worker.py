@@ -1,0 +1,41 @@
+"""One optimizer step's loss and gradient on 1 or N processes (launched by tests/test_distributed.py).
+
+Every rank samples the same full batch under a fixed seed, keeps its own share of whole prompt
+groups (as the trainer does), and accumulates gradients; rank 0 writes the global loss and the
+gradient vector. Equal results for 1 and 2 processes show the global normaliser and DDP's
+averaging give the single-process step exactly.
+"""
+import json
+import sys
+
+import torch
+
+from rltk.config import build_recipe
+from rltk.trainer.rl import RLTrainer
+
+
+def main(recipe_path: str, out_path: str) -> None:
+    torch.set_num_threads(1)
+    recipe = build_recipe(json.loads(open(recipe_path).read()))
+    trainer = RLTrainer(recipe)
+    acc = trainer.accelerator
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            full = trainer.rollout_batch(list(range(recipe.trainer.prompts_per_step)), first_group=0)
+        group = recipe.rollout.group_size
+        per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
+        rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
+        mine = full.select(rows)
+        metrics = trainer.accumulate_gradients(mine, torch.arange(per_rank))
+        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        if acc.is_main_process:
+            with open(out_path, "w") as handle:
+                json.dump({"loss": metrics["loss"], "grad": grads.tolist(), "world": acc.num_processes}, handle)
+        acc.wait_for_everyone()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

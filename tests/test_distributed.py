@@ -1,0 +1,41 @@
+"""2-process DDP over gloo: the step loss and gradient equal the 1-process ones."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import small_recipe_data
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "distributed" / "step_worker.py"
+
+
+def _launch(nproc: int, recipe: Path, out: Path, port: int) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port),
+           "ACCELERATE_USE_CPU": "true"}  # accelerate's MULTI_CPU (gloo) needs this without CUDA
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+           f"--master_port={port}", str(WORKER), str(recipe), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean"])
+def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir, aggregation):
+    data = small_recipe_data(tiny_model_dir, tmp_path / "run", trainer={"prompts_per_step": 4, "micro_batch_size": 4},
+                             algorithm={"aggregation": aggregation})
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps(data))
+    one = _launch(1, recipe, tmp_path / "one.json", 29511)
+    two = _launch(2, recipe, tmp_path / "two.json", 29513)
+    assert two["world"] == 2
+    assert abs(one["loss"] - two["loss"]) < 1e-6
+    diff = max(abs(a - b) for a, b in zip(one["grad"], two["grad"]))
+    assert diff < 1e-6
+    assert max(abs(a) for a in one["grad"]) > 0
