@@ -35,13 +35,18 @@ TRL conventions mirrored in the setup (none of them is an rltk bug):
   compute them with ``eps = 1e-4`` in the std instead of rltk's 1e-6); the test compares the loss,
   not the advantage estimator.
 * Activation (gradient) checkpointing is off in TRL (its default is on): it changes speed, not values.
+* Every row of the batch has at least one completion token (EOS is in the mask) and all are kept.
+  Rows that are masked out entirely (rltk drops them with ``keep``/``mask_truncated``; TRL zeroes
+  them with ``mask_truncated_completions``) are a deliberate difference: TRL still counts them in the
+  ``grpo`` mean and the ``dr_grpo`` sequence count, rltk removes them from the normaliser
+  (ALGORITHMS.md §0.3–0.4).
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -75,7 +80,8 @@ class Case:
 
     @property
     def id(self) -> str:
-        return f"{self.loss_type}-{'off' if self.off_policy else 'on'}-policy" + (f"-beta{self.beta}" if self.beta else "")
+        policy = "off-policy" if self.off_policy else "on-policy"
+        return f"{self.loss_type}-{policy}" + (f"-beta{self.beta}" if self.beta else "")
 
 
 CASES = [
@@ -206,8 +212,6 @@ def _rltk_loss_and_grads(trainer, setup, case: Case):
         updates["old_logps"] = setup["old"]
     if case.beta:
         updates["ref_logps"] = setup["ref"]
-    from dataclasses import replace
-
     batch = RolloutBatch(setup["tokens"], replace(rollouts, **updates), Advantages(setup["advantages"].values))
     trainer.optimizer.zero_grad(set_to_none=True)
     metrics = trainer.accumulate_gradients(batch, torch.arange(rollouts.num_completions))

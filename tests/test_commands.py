@@ -1,0 +1,57 @@
+"""The commands a user runs: rltk eval, sft, compare, train (tiny model, seconds each)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import small_recipe_data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _rltk(*args, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "rltk", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_eval_command_writes_report(tmp_path, tiny_model_dir):
+    out = tmp_path / "report"
+    proc = _rltk("eval", "--model", tiny_model_dir, "--n", 4, "--k", "1,2,4", "--num-problems", 6,
+                 "--temperature", 1.0, "--max-new-tokens", 8, "--out", out, "logging.progress=false", cwd=tmp_path)
+    assert "| variant | pass@1 | pass@2 | pass@4 |" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["protocol"]["n"] == 4 and report["protocol"]["num_problems"] == 6
+    assert report["protocol"]["verifier_version"].startswith("rltk-math/1 math-verify==")
+    assert set(report["summary"]["pass@k"]) == {"1", "2", "4"}
+    samples = (out / "samples.jsonl").read_text().splitlines()
+    assert len(samples) == 24
+    assert (out / "passk.png").stat().st_size > 0
+    assert "pass@1" in (out / "report.md").read_text()
+
+
+def test_sft_then_train_then_compare(tmp_path, tiny_model_dir):
+    data = small_recipe_data(tiny_model_dir, tmp_path / "run",
+                             sft={"enabled": True, "steps": 3, "batch_size": 8, "num_examples": 32})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    proc = _rltk("compare", recipe, "--variants", "grpo,nsr", cwd=tmp_path)
+    compare_dir = tmp_path / "run" / "compare"
+    table = (compare_dir / "comparison.md").read_text()
+    for row in ("| start |", "| grpo |", "| nsr |"):
+        assert row in table and row in proc.stdout
+    assert (compare_dir / "sft" / "config.json").is_file()  # one shared warm start
+    assert (compare_dir / "comparison.png").stat().st_size > 0
+    for variant in ("grpo", "nsr"):
+        saved = json.loads((compare_dir / variant / "recipe.json").read_text())
+        assert saved["model"]["name_or_path"] == str(compare_dir / "sft")
+        assert saved["trainer"]["seed"] == 0
+    nsr = json.loads((compare_dir / "nsr" / "recipe.json").read_text())
+    assert nsr["algorithm"]["advantage"] == [{"name": "nsr"}]
