@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-from rltk.eval import report as report_module
 from rltk.eval.metrics import summarize
 from rltk.eval.report import PROTOCOL_KEYS, format_passk_table, write_comparison, write_report
 
@@ -82,7 +81,9 @@ def test_failed_write_keeps_the_old_report_and_no_temp_file(written, monkeypatch
     def broken_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(report_module.os, "replace", broken_replace)
+    import rltk.io
+
+    monkeypatch.setattr(rltk.io.os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk full"):
         write_report(out, summary=summarize(PER_PROBLEM, [1]), protocol=_protocol(), per_problem=[])
     assert (out / "report.json").read_bytes() == before

@@ -7,16 +7,15 @@ matplotlib's Agg canvas directly (no pyplot, no global backend change).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from rltk.io import atomic_write_bytes
 
 __all__ = ["PROTOCOL_KEYS", "format_passk_table", "write_comparison", "write_report"]
 
@@ -35,21 +34,6 @@ PROTOCOL_KEYS = (
     "maj_method",
 )
 """What every report records about how it was measured (ALGORITHMS.md §9)."""
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600 files
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _json_default(obj):
@@ -132,9 +116,9 @@ def write_report(out_dir, *, summary: dict, protocol: dict, per_problem: list[di
     out.mkdir(parents=True, exist_ok=True)
     name = str(protocol["model"])
     curves = {m: _curve(summary, m) for m in ("pass@k", "maj@k") if m in summary}
-    _atomic_write(out / "report.json", text.encode())
-    _atomic_write(out / "report.md", _report_markdown(report, name).encode())
-    _atomic_write(out / "passk.png", _plot(curves, name))
+    atomic_write_bytes(out / "report.json", text.encode())
+    atomic_write_bytes(out / "report.md", _report_markdown(report, name).encode())
+    atomic_write_bytes(out / "passk.png", _plot(curves, name))
     return report
 
 
@@ -147,6 +131,6 @@ def write_comparison(out_dir, reports: dict[str, dict], title: str) -> str:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: _curve(r["summary"], "pass@k") for name, r in reports.items()}
-    _atomic_write(out / "comparison.md", f"# {title}\n\n{table}\n\n![pass@k](comparison.png)\n".encode())
-    _atomic_write(out / "comparison.png", _plot(curves, title))
+    atomic_write_bytes(out / "comparison.md", f"# {title}\n\n{table}\n\n![pass@k](comparison.png)\n".encode())
+    atomic_write_bytes(out / "comparison.png", _plot(curves, title))
     return table
