@@ -7,6 +7,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests import factories
+
 from rltk.algos import AlgorithmPipeline, StageError, get_stage
 from rltk.algos.ace import ace, confidence_shift
 from rltk.algos.estimators import grpo
@@ -27,15 +29,8 @@ def make_rollouts(rewards, lengths, c, correct=None, group_ids=None, truncated=N
     per_token = torch.tensor(c, dtype=torch.float64).unsqueeze(-1) / lengths_t.clamp(min=1).unsqueeze(-1)
     old = -torch.rand(n, width, generator=torch.Generator().manual_seed(1), dtype=torch.float64) - 0.1
     ref = old - torch.where(mask > 0, per_token, torch.full_like(old, 100.0))
-    return Rollouts(
-        group_ids=torch.tensor(group_ids if group_ids is not None else [0] * n),
-        rewards=rewards,
-        correct=torch.tensor(correct) if correct is not None else rewards > 0,
-        completion_mask=mask,
-        truncated=torch.tensor(truncated) if truncated is not None else torch.zeros(n, dtype=torch.bool),
-        old_logps=old,
-        ref_logps=ref,
-    )
+    return factories.make_rollouts(rewards.tolist(), lengths, correct=correct, group_ids=group_ids,
+                                   truncated=truncated, width=width, old_logps=old, ref_logps=ref)
 
 
 def spec_rollouts():

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.factories import make_rollouts
+
 from rltk.algos import AlgorithmPipeline, StageError, get_stage, register_advantage, registered
 from rltk.algos.registry import Stage, validate_params
 from rltk.algos.types import Advantages, Rollouts
@@ -16,22 +18,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SPEC_TOL = 1e-4
 TOL = 1e-6
 F64 = torch.float64
-
-
-def make_rollouts(rewards, lengths=None, group_ids=None, correct=None, truncated=None, width=None, **extra):
-    rewards = torch.tensor(rewards, dtype=F64)
-    n = rewards.shape[0]
-    lengths = lengths if lengths is not None else [1] * n
-    width = width or max(max(lengths), 1)
-    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).to(F64)
-    return Rollouts(
-        group_ids=torch.tensor(group_ids if group_ids is not None else [0] * n),
-        rewards=rewards,
-        correct=torch.tensor(correct) if correct is not None else rewards > 0,
-        completion_mask=mask,
-        truncated=torch.tensor(truncated) if truncated is not None else torch.zeros(n, dtype=torch.bool),
-        **extra,
-    )
 
 
 def stage(kind, name):

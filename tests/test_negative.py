@@ -6,6 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+from tests import factories
+
 from rltk.algos import AlgorithmPipeline, StageError, get_stage
 from rltk.algos.negative import nsr, psr, w_reinforce
 from rltk.algos.types import Rollouts
@@ -13,18 +15,8 @@ from rltk.algos.types import Rollouts
 TOL = 1e-6
 
 
-def make_rollouts(rewards, lengths, correct=None, group_ids=None, truncated=None, width=None):
-    rewards = torch.tensor(rewards, dtype=torch.float32)
-    n = rewards.shape[0]
-    width = width or max(max(lengths), 1)
-    mask = (torch.arange(width).unsqueeze(0) < torch.tensor(lengths).unsqueeze(1)).float()
-    return Rollouts(
-        group_ids=torch.tensor(group_ids if group_ids is not None else [0] * n),
-        rewards=rewards,
-        correct=torch.tensor(correct) if correct is not None else rewards > 0,
-        completion_mask=mask,
-        truncated=torch.tensor(truncated) if truncated is not None else torch.zeros(n, dtype=torch.bool),
-    )
+def make_rollouts(rewards, lengths, **kwargs):
+    return factories.make_rollouts(rewards, lengths, dtype=torch.float32, **kwargs)
 
 
 def step(pipeline: AlgorithmPipeline, rollouts: Rollouts, logps: torch.Tensor):

@@ -1,0 +1,191 @@
+"""Every recipe under ``recipes/`` loads and validates, without loading a model or downloading data.
+
+Also pins what the recipes promise: the quickstart variants are ``grpo.yaml`` with only the
+``algorithm`` section changed (so ``rltk compare`` runs are apples-to-apples, and a variant file
+trains exactly what the named ``--variants`` preset trains), and the paper recipes carry the
+hyperparameters stated in ``docs/algorithms/{nsr,ace,resrl}.md``.
+"""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+
+from rltk.algos.pipeline import AlgorithmPipeline
+from rltk.config import Recipe, load_recipe, load_recipe_data
+from rltk.workflows import variant_data
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+QUICKSTART_VARIANTS = ["psr", "nsr", "w_reinforce", "ace", "resrl"]
+PAPER_RECIPES = [
+    "qwen2.5-math-7b/psr.yaml",
+    "qwen2.5-math-7b/nsr.yaml",
+    "qwen2.5-math-7b/w_reinforce.yaml",
+    "qwen2.5-math-7b/ace_grpo.yaml",
+    "qwen2.5-math-7b/ace_dapo.yaml",
+    "qwen2.5-math-7b/resrl.yaml",
+    "qwen3-4b/resrl.yaml",
+]
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def _id(path: Path) -> str:
+    return str(path.relative_to(RECIPES))
+
+
+def _load(relative: str) -> Recipe:
+    return load_recipe(RECIPES / relative)
+
+
+def _entry(spec) -> tuple[str, dict]:
+    """(name, params) of a stage entry written as a name or a mapping."""
+    if isinstance(spec, str):
+        return spec, {}
+    return spec["name"], {k: v for k, v in spec.items() if k != "name"}
+
+
+def _advantage(recipe: Recipe) -> list[tuple[str, dict]]:
+    return [_entry(spec) for spec in recipe.algorithm.advantage]
+
+
+def _terms(recipe: Recipe) -> dict[str, dict]:
+    return dict(_entry(spec) for spec in recipe.algorithm.terms)
+
+
+def _needs(recipe: Recipe) -> set[str]:
+    a = recipe.algorithm
+    return AlgorithmPipeline(a.advantage, a.loss, a.aggregation, a.terms).needs()
+
+
+# ------------------------------------------------------------------------------- every recipe
+
+
+def test_the_recipe_tree_holds_the_expected_files():
+    names = {_id(p) for p in ALL_RECIPES}
+    expected = {"quickstart/grpo.yaml", *(f"quickstart/{v}.yaml" for v in QUICKSTART_VARIANTS), *PAPER_RECIPES}
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=_id)
+def test_recipe_loads_and_validates(path):
+    recipe = load_recipe(path)  # unknown keys, wrong types, bad stage names/params all raise here
+    assert isinstance(recipe, Recipe)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# "), f"{_id(path)}: start with a one-line comment saying what the recipe is"
+
+
+# ------------------------------------------------------------------------------- quickstart
+
+
+@pytest.mark.parametrize("variant", QUICKSTART_VARIANTS)
+def test_quickstart_variant_differs_from_grpo_only_in_algorithm(variant):
+    base = load_recipe_data(RECIPES / "quickstart" / "grpo.yaml")
+    data = load_recipe_data(RECIPES / "quickstart" / f"{variant}.yaml")
+    assert set(data) == set(base)
+    for section in base:
+        if section != "algorithm":
+            assert data[section] == base[section], f"quickstart/{variant}.yaml: '{section}' differs from grpo.yaml"
+    # ... and the algorithm is exactly the named `rltk compare --variants` preset applied to grpo.yaml
+    assert data["algorithm"] == variant_data(base, variant)["algorithm"]
+    built = _load(f"quickstart/{variant}.yaml").to_dict()
+    built_base = _load("quickstart/grpo.yaml").to_dict()
+    built.pop("algorithm"), built_base.pop("algorithm")
+    assert built == built_base
+
+
+def test_quickstart_variants_declare_their_needs():
+    assert "ref_logps" in _needs(_load("quickstart/ace.yaml"))  # ACE runs a reference model
+    assert "hidden(-2)" in _needs(_load("quickstart/resrl.yaml"))
+    assert _needs(_load("quickstart/nsr.yaml")) == set()
+
+
+# ------------------------------------------------------------------------------- paper recipes
+
+
+@pytest.mark.parametrize("relative", PAPER_RECIPES)
+def test_paper_recipe_common_settings(relative):
+    r = _load(relative)
+    assert r.model.dtype == "bfloat16" and r.model.gradient_checkpointing
+    d = r.data
+    assert d.eval_source == "HuggingFaceH4/MATH-500" and d.test_split == "test"
+    assert d.source == "DigitalLearningGmbH/MATH-lighteval" and d.train_split == "train"
+    # MATH-lighteval and MATH-500 share these columns; `solution` is a worked solution -> extract the box
+    assert (d.prompt_field, d.answer_field, d.extract_boxed_answer) == ("problem", "solution", True)
+    if relative.startswith("qwen3-4b/"):  # boxed instruction inside a non-thinking Qwen3 chat turn
+        assert not d.chat_template
+        filled = d.template.format(question="Q?")
+        assert BOXED_INSTRUCTION in filled and filled.endswith("<think>\n\n</think>\n\n")
+    else:
+        assert d.template == "boxed" and d.chat_template
+    assert 3072 <= r.rollout.max_new_tokens <= 4096
+    assert r.rollout.temperature == 1.0
+    assert r.trainer.lr == 1e-6
+    assert r.eval.ks == [2**i for i in range(len(r.eval.ks))] and r.eval.ks[-1] == r.eval.n
+    assert r.eval.temperature == 0.6
+    assert _terms(r)["kl"]["coef"] == 0.0
+    assert r.algorithm.aggregation == "token_mean"
+    assert r.trainer.steps % (r.trainer.ppo_epochs * r.trainer.mini_batches) == 0
+    if relative.startswith("qwen2.5-math-7b/"):  # a 4096-token context: prompt + completion must fit
+        assert d.max_prompt_length + r.rollout.max_new_tokens <= 4096
+        assert d.max_prompt_length + (r.eval.max_new_tokens or r.rollout.max_new_tokens) <= 4096
+
+
+@pytest.mark.parametrize("method, estimator, params", [
+    ("psr", "psr", {"drop": True}),
+    ("nsr", "nsr", {"drop": True}),
+    ("w_reinforce", "w_reinforce", {"lam": 0.1}),
+])
+def test_nsr_paper_recipes(method, estimator, params):
+    """Zhu et al. 2025: ppo_clip 0.2, token_mean, no KL, lr 1e-6, G = 8, T = 1.0, MATH, pass@k to 256."""
+    r = _load(f"qwen2.5-math-7b/{method}.yaml")
+    assert _advantage(r) == [(estimator, params)]
+    assert r.algorithm.loss == {"name": "ppo_clip", "epsilon_low": 0.2, "epsilon_high": 0.2}
+    assert r.rollout.group_size == 8 and r.rollout.max_new_tokens == 3072
+    assert (r.trainer.prompts_per_step, r.trainer.mini_batches) == (1024, 4)
+    assert r.data.system_prompt == "You are a helpful assistant."
+    assert r.eval.n == 256 and r.eval.top_p == 0.95
+    assert _terms(r)["entropy"]["coef"] == 0.001  # verl's default in the authors' runs
+    assert _needs(r) == {"entropy"}
+
+
+@pytest.mark.parametrize("method, filtered, epsilon_high", [("ace_grpo", False, 0.2), ("ace_dapo", True, 0.28)])
+def test_ace_paper_recipes(method, filtered, epsilon_high):
+    r = _load(f"qwen2.5-math-7b/{method}.yaml")
+    stages = _advantage(r)
+    names = [name for name, _ in stages]
+    assert names == (["grpo", "zero_variance_filter", "ace"] if filtered else ["grpo", "ace"])
+    ace = dict(stages)["ace"]
+    assert ace == {"alpha": 1.0, "fn": "softplus", "form": "multiplicative", "c_reduction": "sum",
+                   "max_multiplier": None}
+    assert r.algorithm.loss == {"name": "ppo_clip", "epsilon_low": 0.2, "epsilon_high": epsilon_high}
+    assert r.rollout.group_size == 8
+    assert r.eval.n == 32 and r.eval.ks[-1] == 32  # the paper reports up to pass@32
+    # ACE needs the reference (and behaviour) log-probs even though the KL coefficient is 0
+    assert {"ref_logps", "old_logps"} <= _needs(r)
+
+
+@pytest.mark.parametrize("relative, response", [("qwen2.5-math-7b/resrl.yaml", 3072), ("qwen3-4b/resrl.yaml", 4096)])
+def test_resrl_paper_recipes(relative, response):
+    from rltk.algos.resrl import resrl
+
+    r = _load(relative)
+    stages = _advantage(r)
+    assert [name for name, _ in stages] == ["grpo", "resrl"]
+    knobs = dict(stages)["resrl"]
+    expected = {"layer": -2, "rank": 64, "max_pos_tokens": 4096, "q_low": 0.2, "q_high": 0.8,
+                "min_weight": 0.1, "pos_weight": 0.1}
+    assert knobs == expected
+    defaults = {k: p.default for k, p in inspect.signature(resrl).parameters.items() if k in expected}
+    assert defaults == expected  # the recipe spells out ResRL's own defaults
+    assert r.algorithm.loss == {"name": "ppo_clip", "epsilon_low": 0.2, "epsilon_high": 0.2}
+    assert _terms(r)["entropy"]["coef"] == 0.0
+    assert r.rollout.group_size == 4 and r.rollout.max_new_tokens == response
+    assert (r.trainer.prompts_per_step, r.trainer.mini_batches) == (512, 16)
+    assert r.trainer.weight_decay == 0.1 and r.trainer.lr_scheduler == "constant_with_warmup"
+    assert int(r.trainer.warmup_ratio * r.trainer.steps) == 160  # 10 of 34 rollout batches
+    assert r.eval.n == 128 and r.eval.top_p == 1.0  # avg@16 and pass@128
+    assert "hidden(-2)" in _needs(r)
+    assert "ref_logps" not in _needs(r)  # KL 0: no reference model
