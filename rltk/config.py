@@ -455,6 +455,7 @@ def validate(recipe: Recipe) -> None:
         from rltk.algos.pipeline import StageCall
 
         StageCall.from_spec("sampler", recipe.algorithm.sampler)
+        pipeline.dry_run()
     except StageError as exc:
         raise ConfigError(f"algorithm: {exc}") from None
     if r.group_size == 1 and pipeline.estimator.name in _GROUP_BASELINES:

@@ -1,6 +1,7 @@
 """Recipe schema: loading, overrides, validation messages, and the CLI's exit code 2."""
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,3 +101,19 @@ def test_cli_misspelt_key_exits_2_with_one_line(tmp_path):
     assert lines[0].startswith("rltk: error: unknown key 'trainer.leraning_rate'; valid keys: steps,")
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "advantage, message",
+    [
+        ([{"name": "grpo"}, {"name": "ace", "alpha": -1}], "ace: alpha must be a finite number >= 0"),
+        ([{"name": "grpo"}, {"name": "ace", "fn": "tanh"}], "ace: fn must be softplus or relu"),
+        ([{"name": "grpo"}, {"name": "resrl", "rank": 0}], "resrl: rank must be >= 1"),
+        ([{"name": "grpo", "scale": "rows"}], "grpo: scale must be group, batch or none"),
+        ([{"name": "garl", "q": 2}], "garl: q must be in [0, 1]"),
+    ],
+)
+def test_stage_knob_values_fail_at_load(advantage, message):
+    """Bad knob values are caught by a dry run of the pipeline before any model loads."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        build_recipe({"algorithm": {"advantage": advantage}})

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+import torch
 from torch import Tensor
 
 from rltk.algos.registry import Stage, StageError, get_stage, validate_params
@@ -41,6 +42,26 @@ class StageCall:
 
     def __call__(self, *args: Any) -> Any:
         return self.stage.fn(*args, **self.params)
+
+
+def _dummy_rollouts() -> Rollouts:
+    """Two groups (roles pos, neg) of two completions with every optional field filled."""
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    return Rollouts(
+        group_ids=torch.tensor([0, 0, 1, 1]),
+        rewards=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        correct=torch.tensor([True, False, True, False]),
+        completion_mask=mask,
+        truncated=torch.zeros(4, dtype=torch.bool),
+        old_logps=-torch.rand(4, 2, generator=generator),
+        ref_logps=-torch.rand(4, 2, generator=generator),
+        hidden=torch.randn(4, 2, 4, generator=generator),
+        answer_logps=-torch.rand(4, generator=generator),
+        roles=("pos", "neg"),
+        entropy=torch.rand(4, 2, generator=generator),
+        extra={"step": 0},
+    )
 
 
 def _as_loss_output(value: Tensor | LossOutput) -> LossOutput:
@@ -94,6 +115,17 @@ class AlgorithmPipeline:
             total = total + term_out.per_token
             metrics.update({f"{term.name}/{k}": v for k, v in term_out.token_metrics.items()})
         return total, metrics
+
+    def dry_run(self) -> None:
+        """Run every stage once on a tiny synthetic batch, so a bad knob value (``alpha: -1``,
+        ``fn: tanh``) raises its StageError when the recipe loads instead of at the first step.
+
+        Only StageError propagates: it is the stages' own parameter validation."""
+        rollouts = _dummy_rollouts()
+        advantages, _ = self.compute_advantages(rollouts)
+        logps = torch.full(rollouts.completion_mask.shape, -1.0, requires_grad=True)
+        per_token, _ = self.per_token_loss(logps, rollouts, advantages)
+        self.aggregate(per_token, rollouts.completion_mask, max(self.normalizer(rollouts.completion_mask, 2), 1.0))
 
     def normalizer(self, mask: Tensor, max_completion_length: int) -> float:
         """This rank's share of the step normaliser (summed over micro-batches and ranks)."""
