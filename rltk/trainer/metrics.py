@@ -24,7 +24,8 @@ class MetricsLog:
             accelerator.init_trackers(project, config=_flatten(config))
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from (they will be logged again)."""
+        """Drop lines logged after the checkpoint we resume from (they will be logged again);
+        ``step`` −1 (a fresh start) drops every line of an earlier attempt."""
         if not self.path.exists():
             return
         kept = []

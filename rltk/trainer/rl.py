@@ -387,7 +387,7 @@ class RLTrainer:
         """Run to ``trainer.steps``; returns before/after evaluation reports and the final checkpoint."""
         t, acc = self.recipe.trainer, self.accelerator
         metrics_log = MetricsLog(acc, self.out, self.recipe.logging.report_to, self.recipe.logging.project,
-                                 self.recipe.to_dict(), resume_step=self.step)
+                                 self.recipe.to_dict(), resume_step=self.step if self.step else -1)
         if acc.is_main_process:
             atomic_write_json(self.out / "recipe.json", self.recipe.to_dict())
         result: dict[str, Any] = {"start_step": self.step}
