@@ -117,3 +117,24 @@ def test_stage_knob_values_fail_at_load(advantage, message):
     """Bad knob values are caught by a dry run of the pipeline before any model loads."""
     with pytest.raises(ConfigError, match=re.escape(message)):
         build_recipe({"algorithm": {"advantage": advantage}})
+
+
+def test_cli_overrides_may_follow_options(monkeypatch):
+    """`rltk compare R --variants a,b trainer.lr=1e-5`: the override after an option is kept."""
+    import rltk.cli as cli
+    import rltk.workflows as workflows
+
+    seen = {}
+
+    def fake_compare(base, overrides, variants, output_dir):
+        seen.update(overrides=overrides, variants=variants, output_dir=output_dir)
+        return "table", output_dir
+
+    monkeypatch.setattr(workflows, "compare", fake_compare)
+    assert cli.main(["compare", str(QUICKSTART), "rollout.top_k=5", "--variants", "grpo,nsr",
+                     "--output-dir", "out", "trainer.lr=1e-5"]) == 0
+    assert seen == {"overrides": ["rollout.top_k=5", "trainer.lr=1e-5"], "variants": ["grpo", "nsr"],
+                    "output_dir": "out"}
+    with pytest.raises(SystemExit) as info:
+        cli.main(["compare", str(QUICKSTART), "--variants", "grpo", "--bogus"])
+    assert info.value.code == 2
