@@ -79,6 +79,7 @@ class DataConfig:
     solution_field: Union[str, None] = None  # worked solutions, used by SFT
     extract_boxed_answer: bool = False  # answer_field holds a solution; take its last \boxed{}
     template: str = "builtin"  # a name in rltk.data.templates.TEMPLATES or a string with {question}
+    answer_template: str = "\\boxed{{{answer}}}"  # how a gold answer is written (GARL likelihood mode)
     chat_template: bool = False  # wrap prompts with the tokenizer's chat template
     system_prompt: Union[str, None] = None
     num_train: Union[int, None] = None  # cap on training prompts (None: all / built-in default)

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rltk.config import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
 
@@ -24,22 +24,43 @@ PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
-def build_char_tokenizer(charset: str) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer: one token per character of ``charset`` plus pad/eos/unk."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+def build_char_tokenizer(charset: str):
+    """A character-level tokenizer: one token per character of ``charset`` plus pad/eos/unk.
 
-    chars = sorted(set(charset))
+    It is a Qwen2 byte-level BPE with no merges, whose vocabulary is the byte-level symbols of
+    ``charset`` (space is ``Ġ``, newline ``Ċ``). ``AutoTokenizer`` loads a Qwen2 model's tokenizer
+    as ``Qwen2Tokenizer`` whatever ``tokenizer_config.json`` says, so building it as one makes the
+    saved directory load back exactly as built (in transformers, vLLM or any other consumer).
+    Characters outside ``charset`` have no token and are dropped.
+    """
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
+
+    alphabet = ByteLevel.alphabet()
+    byte_symbol = {b: ch for b, ch in zip(range(256), _bytes_to_unicode())}
     vocab = {PAD: 0, EOS: 1, UNK: 2}
-    for ch in chars:
-        vocab[ch] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token=PAD, eos_token=EOS, unk_token=UNK, padding_side="left"
-    )
+    for ch in sorted(set(charset)):
+        encoded = ch.encode()
+        if len(encoded) != 1 or byte_symbol[encoded[0]] not in alphabet:
+            raise ValueError(f"character {ch!r} is not a single byte; the tiny tokenizer covers ASCII only")
+        vocab.setdefault(byte_symbol[encoded[0]], len(vocab))
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=UNK, eos_token=EOS, pad_token=PAD)
+    tokenizer.padding_side = "left"
     tokenizer.model_max_length = 4096
     return tokenizer
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2's reversible byte -> printable-unicode table (the ByteLevel alphabet), in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
 
 
 def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) -> Path:

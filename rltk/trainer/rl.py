@@ -33,6 +33,7 @@ from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.rollout.base import SamplingParams
 from rltk.rollout.factory import make_engine
+from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.checkpoint import latest_checkpoint, save_checkpoint
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
@@ -97,9 +98,6 @@ class RLTrainer:
         if per_update % world:
             raise ConfigError(f"trainer.prompts_per_step / mini_batches = {per_update} prompts per optimizer step "
                               f"cannot be split over {world} processes; make it a multiple of {world}")
-        if "answer_logps" in self.needs:
-            raise ConfigError("algorithm: a selected stage needs answer_logps (gold-answer log-probs), which this "
-                              "trainer does not compute yet; use garl mode=binary")
 
     def _setup_model(self, path: str) -> None:
         cfg = self.recipe.model
@@ -204,17 +202,40 @@ class RLTrainer:
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.model, reference=self.reference,
                                           temperature=r.temperature, chunk_size=t.logprob_chunk_size)
+        answer_batch = None
+        if "answer_logps" in self.needs:
+            answer_batch = build_answer_batch(tokens, generation.texts, answers, self.tokenizer,
+                                              self.recipe.data.answer_template)
+            rollouts = replace(rollouts, answer_logps=answer_logps(self.model, answer_batch, r.temperature,
+                                                                   t.logprob_chunk_size))
         timings["time/extra_forwards"] = time.perf_counter() - start
         advantages, stage_metrics = self.pipeline.compute_advantages(rollouts)
         reasons = defaultdict(int)
         for v in verdicts:
             reasons[v.reason] += 1
+        if rollouts.answer_logps is not None:
+            timings["answer/logp_mean"] = float(rollouts.answer_logps.mean())
+            timings["answer/prob_mean"] = float(rollouts.answer_logps.exp().mean())
         metrics = {
             **self._batch_metrics(rollouts, advantages, reasons),
             **stage_metrics,
             **timings,
         }
-        return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics)
+        answer_sft = self._answer_sft_weights(rollouts, advantages) if answer_batch is not None else None
+        return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics, answer_batch, answer_sft)
+
+    def _answer_sft_weights(self, rollouts: Rollouts, advantages: Advantages) -> torch.Tensor | None:
+        """Per-completion weights of the SFT term on the gold answer after each rationale: GARL's
+        pathwise term, or PAFT's resampled gold-answer term, in likelihood mode (ALGORITHMS.md §5)."""
+        weights = getattr(advantages, "answer_sft_weights", None)
+        if weights is not None:
+            return weights
+        loss = self.pipeline.loss
+        if loss.name == "paft" and loss.params.get("mode") == "likelihood":
+            from rltk.algos.tsallis import paft_draw
+
+            return paft_draw(rollouts, **loss.params).coef.float()
+        return None
 
     def _rank_share(self, indices: list[int]) -> list[int]:
         t, acc = self.recipe.trainer, self.accelerator
@@ -310,6 +331,8 @@ class RLTrainer:
                 per_token, token_metrics = self.pipeline.per_token_loss(out.logps, rollouts_mb, adv_mb)
                 mask_mb = mask_all[mb].to(per_token.device)
                 loss = self.pipeline.aggregate(per_token, mask_mb, normalizer) * acc.num_processes
+                if batch.answer_sft is not None:
+                    loss = loss + self._answer_sft_loss(batch, mb, normalizer)
                 t_forward += time.perf_counter() - start
                 start = time.perf_counter()
                 acc.backward(loss)
@@ -324,6 +347,14 @@ class RLTrainer:
         for name, total in zip(token_sums, sums[1:].tolist()):
             metrics[name] = total / max(float(sums[0]), 1.0)
         return metrics
+
+    def _answer_sft_loss(self, batch: RolloutBatch, mb: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """−weight_m · log p(gold answer | prompt, rationale_m), aggregated like the policy loss."""
+        out = forward_logps(self.model, batch.answer.tokens.rows(mb), self.recipe.rollout.temperature)
+        keep = batch.advantages.kept()[mb].float().unsqueeze(-1)
+        mask = (batch.answer.answer_mask[mb] * keep).to(out.logps.device)
+        weights = batch.answer_sft[mb].to(out.logps.device).unsqueeze(-1)
+        return self.pipeline.aggregate(-weights * out.logps, mask, normalizer) * self.accelerator.num_processes
 
     def _apply_update(self, metrics: dict[str, float]) -> None:
         """Optimizer step, or skip and count it when the loss or gradient is not finite."""

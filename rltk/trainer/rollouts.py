@@ -19,14 +19,20 @@ class RolloutBatch:
     advantages: Advantages | None = None
     texts: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    answer: Any = None  # AnswerBatch: gold answers after each rationale, when answer_logps is needed
+    answer_sft: torch.Tensor | None = None  # [N] weights of the gold-answer SFT term (likelihood mode)
 
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
-        """Rows ``rows`` (whole groups) of tokens, rollouts, advantages and texts."""
+        """Rows ``rows`` (whole groups) of every per-completion field."""
+        from rltk.trainer.answers import AnswerBatch
+
         adv = self.advantages
         advantages = None if adv is None else Advantages(
             adv.values[rows], None if adv.keep is None else adv.keep[rows], adv.metrics)
+        answer = None if self.answer is None else AnswerBatch(self.answer.tokens.rows(rows), self.answer.answer_mask[rows])
         return RolloutBatch(self.tokens.rows(rows), self.rollouts.select(rows), advantages,
-                            [self.texts[i] for i in rows.tolist()], self.metrics)
+                            [self.texts[i] for i in rows.tolist()], self.metrics, answer,
+                            None if self.answer_sft is None else self.answer_sft[rows])
 
 
 def hidden_layers(needs: set[str]) -> tuple[int, ...]:
