@@ -74,8 +74,17 @@ class RLTrainer:
         if "roles" in self.needs and not getattr(self.sampler, "provides_roles", False):
             raise ConfigError("algorithm: a selected stage needs per-group roles; choose a sampler that provides "
                               "them (e.g. sampler: {name: pairing})")
+        if getattr(self.sampler, "provides_roles", False) and (t.prompts_per_step // t.mini_batches
+                                                              // self.accelerator.num_processes) % 2:
+            raise ConfigError("trainer.prompts_per_step: a pairing sampler needs an even number of prompts per "
+                              "process and mini-batch, so (q+, q-) pairs stay together")
         self.engine = make_engine(recipe.rollout, lambda: self.accelerator.unwrap_model(self.model),
                                   self.tokenizer, recipe.data.max_prompt_length)
+        if hasattr(self.sampler, "attach"):
+            from rltk.algos.pairing import ProbeContext
+
+            self.sampler.attach(ProbeContext(self.probe, recipe.rollout.group_size,
+                                             [e.id for e in self.train_examples], self.out / "pairing_probe.json"))
         from rewards.math import MathVerifier
         from rewards.registry import get_reward_function
 
@@ -168,13 +177,45 @@ class RLTrainer:
         """This rank's share of the next rollout batch from the sampler."""
         t, acc = self.recipe.trainer, self.accelerator
         indices = self.sampler.next_indices(t.prompts_per_step)
+        roles = getattr(self.sampler, "last_roles", None)
         per_rank = t.prompts_per_step // acc.num_processes
         first_group = self.step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
-        return self.rollout_batch(self._rank_share(indices), first_group)
+        batch = self.rollout_batch(self._rank_share(indices), first_group,
+                                   tuple(self._rank_share(roles)) if roles else None)
+        if hasattr(self.sampler, "metrics"):
+            batch.metrics.update(self.sampler.metrics())
+        return batch
 
-    def rollout_batch(self, mine: list[int], first_group: int) -> RolloutBatch:
+    @torch.no_grad()
+    def probe(self, indices: list[int]) -> list[int]:
+        """Correct completions out of ``group_size`` samples of the current policy per prompt
+        (for samplers that select prompts by success rate). Sharded over processes; seeded in a
+        forked RNG so probing never shifts the training run's random stream."""
+        r, acc = self.recipe.rollout, self.accelerator
+        shard = indices[acc.process_index :: acc.num_processes]
+        counts: list[tuple[int, int]] = []
+        chunk = max(1, r.batch_size // r.group_size)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.recipe.trainer.seed + 7919 * (self.step + 1))
+            for start in range(0, len(shard), chunk):
+                part = shard[start : start + chunk]
+                generation = self.engine.generate([self.train_prompts[i] for i in part], SamplingParams(
+                    n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                    max_new_tokens=r.max_new_tokens))
+                answers = [self.train_examples[i].answer for i in part for _ in range(r.group_size)]
+                correct = [v.correct for v in self.verifier.score(generation.texts, answers)]
+                counts += [(i, sum(correct[k * r.group_size : (k + 1) * r.group_size])) for k, i in enumerate(part)]
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            counts = gather_object(counts)
+        found = dict(counts)
+        return [found[i] for i in indices]
+
+    def rollout_batch(self, mine: list[int], first_group: int, roles: tuple[str, ...] | None = None) -> RolloutBatch:
         """Sample groups for training prompts ``mine``, score them, run the requested forwards and
-        compute advantages. ``first_group`` makes group ids unique across steps and ranks."""
+        compute advantages. ``first_group`` makes group ids unique across steps and ranks; ``roles``
+        are the sampler's per-prompt roles, if any."""
         t, r = self.recipe.trainer, self.recipe.rollout
         examples = [self.train_examples[i] for i in mine]
         timings = {}
@@ -197,6 +238,7 @@ class RLTrainer:
             correct=torch.tensor([v.correct for v in verdicts], dtype=torch.bool),
             completion_mask=generation.completion_mask.float(),
             truncated=generation.truncated,
+            roles=roles,
             extra={"step": self.step},
         )
         start = time.perf_counter()
