@@ -106,6 +106,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w_reinforce": {"advantage": [{"name": "w_reinforce", "lam": 0.1}]},
     "ace": {"advantage": [{"name": "grpo"}, {"name": "ace", "alpha": 1.0}]},
     "resrl": {"advantage": [{"name": "grpo"}, {"name": "resrl"}]},
+    "weighted_grpo": {"advantage": [{"name": "weighted_grpo", "lam": 1.0}], "sampler": {"name": "pairing"}},
+    "garl_binary": {"advantage": [{"name": "garl", "mode": "binary", "q": 0.75}], "aggregation": "seq_mean_token_sum"},
+    "garl": {"advantage": [{"name": "garl", "mode": "likelihood", "q": 0.75}], "aggregation": "seq_mean_token_sum"},
+    "paft": {"advantage": [{"name": "grpo"}], "loss": {"name": "paft", "mode": "likelihood", "q": 0.75},
+             "aggregation": "seq_mean_token_sum"},
 }
 
 
@@ -125,7 +130,7 @@ def variant_data(base: dict[str, Any], variant: str) -> dict[str, Any]:
 
 def compare(base: dict[str, Any], overrides: list[str], variants: list[str], output_dir: str | None):
     """Train every variant from the same warm start, seed and data; one pass@k table and plot."""
-    from rltk.eval.report import write_comparison
+    from rltk.eval.report import write_comparison, write_learning_curves
 
     variants = [v.strip() for v in variants if v.strip()]
     recipes = {v: build_recipe(variant_data(base, v), overrides) for v in variants}  # validate all first
@@ -143,7 +148,27 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
             reports["start"] = result["before"]
         reports[name] = result["after"]
     title = f"pass@k after RL (seed {first.trainer.seed})"
-    return write_comparison(out, reports, title), out
+    table = write_comparison(out, reports, title)
+    curves = {name: _eval_curve(out / name) for name in recipes}
+    if "start" in reports:  # every variant starts from the same evaluated warm start
+        start = reports["start"]["summary"]["avg@n"]
+        curves = {name: dict(sorted({0: start, **curve}.items())) for name, curve in curves.items()}
+    if any(len(c) > 2 for c in curves.values()):  # evaluated during training: pass rate against step
+        table += "\n\n" + write_learning_curves(out, curves, f"held-out avg@{first.eval.n} (seed {first.trainer.seed})",
+                                                  f"avg@{first.eval.n}")
+    return table, out
+
+
+def _eval_curve(run_dir: Path) -> dict[int, float]:
+    """Held-out avg@n by step from a run's metrics.jsonl."""
+    import json
+
+    curve = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "eval/avg@n" in row:
+            curve[int(row["step"])] = float(row["eval/avg@n"])
+    return curve
 
 
 def _shared_warm_start(recipe: Recipe, out: Path) -> str | None:

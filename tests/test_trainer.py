@@ -90,7 +90,7 @@ def test_partial_checkpoint_is_never_picked(tmp_path, tiny_model_dir):
     AutoModelForCausalLM.from_pretrained(str(tmp_path / "checkpoints/step-000002/model"))
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("variant", sorted(set(VARIANTS) - {"weighted_grpo"}))  # pairing: tests/test_pairing.py
 def test_every_method_trains(tmp_path, tiny_model_dir, variant):
     """A few steps of every named method on the tiny model; the update changes the weights."""
     data = variant_data(small_recipe_data(tiny_model_dir, tmp_path), variant)

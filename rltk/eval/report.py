@@ -67,20 +67,22 @@ def format_passk_table(reports: dict[str, dict], metrics: Iterable[str] = ("pass
     return "\n".join(lines)
 
 
-def _plot(curves: dict[str, dict[int, float]], title: str) -> bytes:
-    """PNG of metric-vs-k curves on a log2 k axis."""
+def _plot(curves: dict[str, dict[int, float]], title: str, *, xlabel: str = "k", ylabel: str = "accuracy",
+          log_x: bool = True) -> bytes:
+    """PNG of one curve per label (x -> y); by default pass@k against k on a log2 axis."""
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ks = sorted({k for c in curves.values() for k in c})
     for label, c in curves.items():
         ax.plot(list(c), list(c.values()), marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    if ks:
-        ax.set_xticks(ks, [str(k) for k in ks])
+    if log_x:
+        ax.set_xscale("log", base=2)
+        if ks:
+            ax.set_xticks(ks, [str(k) for k in ks])
     ax.set_ylim(0, 1.02)
-    ax.set_xlabel("k")
-    ax.set_ylabel("accuracy")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -120,6 +122,20 @@ def write_report(out_dir, *, summary: dict, protocol: dict, per_problem: list[di
     atomic_write_bytes(out / "report.md", _report_markdown(report, name).encode())
     atomic_write_bytes(out / "passk.png", _plot(curves, name))
     return report
+
+
+def write_learning_curves(out_dir, curves: dict[str, dict[int, float]], title: str, metric: str) -> str:
+    """``learning_curve.png`` (held-out ``metric`` against step, one curve per variant) and a
+    Markdown table of the same numbers, which is returned."""
+    steps = sorted({step for c in curves.values() for step in c})
+    lines = ["| variant | " + " | ".join(f"step {s}" for s in steps) + " |", "|" + "---|" * (len(steps) + 1)]
+    for name, c in curves.items():
+        lines.append(f"| {_cell(name)} | " + " | ".join(f"{c[s]:.3f}" if s in c else "" for s in steps) + " |")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out / "learning_curve.png",
+                       _plot(curves, title, xlabel="step", ylabel=metric, log_x=False))
+    return "\n".join(lines)
 
 
 def write_comparison(out_dir, reports: dict[str, dict], title: str) -> str:
