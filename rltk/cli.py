@@ -60,6 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(cmp_)
     cmp_.add_argument("--variants", required=True, help="comma-separated variant names or recipe paths")
     cmp_.add_argument("--output-dir", default=None, help="default: <trainer.output_dir>/compare")
+
+    # ---- REDI (docs/algorithms/redi.md): trace data, then SFT + REDI
+    data = sub.add_parser("data", help="build training data from traces")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    pairs = data_sub.add_parser("pairs", help="REDI data: correct traces for SFT, one (correct, wrong) pair per prompt")
+    pairs.add_argument("samples", help="samples.jsonl of `rltk eval`, or Open-R1-layout rows (file or HF dataset id)")
+    pairs.add_argument("--out", required=True, help="pairs JSONL")
+    pairs.add_argument("--sft-out", help="also write the deduplicated correct traces (prompt/completion JSONL)")
+    pairs.add_argument("--min-chars", type=int, default=0, help="drop traces shorter than this")
+    pairs.add_argument("--max-chars", type=int, help="drop traces longer than this")
+    pairs.add_argument("--seed", type=int, default=0, help="seed of the per-prompt pair choice")
+    pairs.add_argument("--format", choices=["preference", "unpaired"], default="preference",
+                       help="prompt/chosen/rejected (default) or prompt/completion/label rows")
+    pairs.add_argument("--split", default="train", help="split, when reading an HF dataset")
+    pairs.add_argument("--exclude-source", default="", help="comma-separated `source` values of Open-R1 rows to skip")
+
+    redi = sub.add_parser("redi", help="REDI: SFT on correct traces, then the REDI objective on (correct, wrong) pairs")
+    _add_recipe_args(redi)
+    redi.add_argument("--eval", action="store_true", help="held-out pass@k of the start and the final model")
     return parser
 
 
@@ -144,8 +163,33 @@ def _cmd_quickstart(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    from rltk.data.pairs import make_pairs
+
+    excluded = tuple(s.strip() for s in args.exclude_source.split(",") if s.strip())
+    stats = make_pairs(args.samples, args.out, sft_out=args.sft_out, min_chars=args.min_chars,
+                       max_chars=args.max_chars, seed=args.seed, fmt=args.format, split=args.split,
+                       exclude_sources=excluded)
+    print("\n".join(stats.lines()))
+    print(f"wrote {args.out} ({args.format})" + (f" and {args.sft_out} ({stats.correct} SFT rows)" if args.sft_out else ""))
+    return 0
+
+
+def _cmd_redi(args) -> int:
+    from rltk.config import load_recipe
+    from rltk.trainer.redi import run_redi
+
+    result = run_redi(load_recipe(args.recipe, args.overrides), evaluate=args.eval)
+    if "steps" in result:
+        print(f"REDI: {result['steps']} steps on {result['rows']} {result['format']} rows")
+    if result.get("table"):
+        print(result["table"])
+    print(f"done: final model at {result['model_dir']}")
+    return 0
+
+
 _COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "eval": _cmd_eval, "compare": _cmd_compare,
-             "quickstart": _cmd_quickstart}
+             "quickstart": _cmd_quickstart, "data": _cmd_data, "redi": _cmd_redi}
 
 
 if __name__ == "__main__":

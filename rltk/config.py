@@ -193,6 +193,47 @@ class LoggingConfig:
 
 
 @dataclass
+class RediConfig:
+    """REDI stage 2 (``rltk redi``; Xu et al. 2025, arXiv 2505.24850; ALGORITHMS.md §6): raise the
+    length-normalised log-likelihood of correct traces and lower α × that of wrong ones, with no
+    reference model. Stage 1 is the ``sft`` section, run first when ``sft.enabled``.
+
+    ``data`` holds TRL preference rows (``prompt``/``chosen``/``rejected``) or unpaired rows
+    (``prompt``/``completion``/``label``), detected by columns; ``rltk data pairs`` writes either.
+    Prompts are used as written (``rltk eval`` samples hold formatted prompts) unless
+    ``format_prompts``; conversational rows (lists of messages) get the tokenizer's chat template.
+    Defaults are the paper's stage-2 settings, except those marked (rltk).
+    """
+
+    data: Union[str, None] = None  # pairs: .jsonl/.json/.parquet or HF id; None = stage 1 only
+    sft_data: Union[str, None] = None  # stage-1 prompt/completion rows; None = the data section (rltk)
+    sft_epochs: Union[float, None] = None  # stage-1 epochs over sft_data, replacing sft.steps (paper: 5)
+    format_prompts: bool = False  # apply data.template/chat_template/system_prompt to raw prompts (rltk)
+    alpha: float = 0.8  # weight of the wrong traces; 0 = SFT on the correct ones, 1 = symmetric
+    lr: float = 1e-6
+    lr_scheduler: str = "linear"  # any transformers scheduler name; linear decay after the warmup
+    warmup_ratio: float = 0.1
+    batch_size: int = 32  # rows per optimizer step, all processes: pairs, or traces if unpaired
+    micro_batch_size: int = 8  # rows per forward/backward on one process (rltk)
+    epochs: int = 1
+    max_steps: Union[int, None] = None  # cap on optimizer steps; None = `epochs` passes (rltk)
+    max_length: int = 4096  # prompt + completion tokens; longer rows are skipped and counted (rltk)
+    reduction: Literal["pair", "trace"] = "pair"  # unpaired: Σ/(N/2) = the paired loss, or mean (rltk)
+    output_subdir: str = "redi"  # final model directory under trainer.output_dir
+
+    def __post_init__(self) -> None:
+        checks = [("alpha", self.alpha >= 0, ">= 0"), ("lr", self.lr > 0, "> 0"),
+                  ("warmup_ratio", 0 <= self.warmup_ratio < 1, "in [0, 1)"),
+                  ("batch_size", self.batch_size > 0, "> 0"), ("micro_batch_size", self.micro_batch_size > 0, "> 0"),
+                  ("epochs", self.epochs > 0, "> 0"), ("max_length", self.max_length > 1, "> 1"),
+                  ("max_steps", self.max_steps is None or self.max_steps > 0, "> 0 or null"),
+                  ("sft_epochs", self.sft_epochs is None or self.sft_epochs > 0, "> 0 or null")]
+        for key, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"redi.{key}: must be {rule}, got {getattr(self, key)}")
+
+
+@dataclass
 class Recipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -204,6 +245,7 @@ class Recipe:
     sft: SFTConfig = field(default_factory=SFTConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    redi: RediConfig = field(default_factory=RediConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -450,15 +492,25 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"eval.ks: k = {max(recipe.eval.ks)} exceeds eval.n = {recipe.eval.n}; raise eval.n")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    from rltk.algos.pipeline import StageCall
+
     try:
         pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
                                      recipe.algorithm.aggregation, recipe.algorithm.terms)
-        from rltk.algos.pipeline import StageCall
-
         StageCall.from_spec("sampler", recipe.algorithm.sampler)
         pipeline.dry_run()
     except StageError as exc:
         raise ConfigError(f"algorithm: {exc}") from None
+    sampler = StageCall.from_spec("sampler", recipe.algorithm.sampler).stage.fn
+    if "roles" in pipeline.needs() and not getattr(sampler, "provides_roles", False):
+        raise ConfigError("algorithm.sampler: the selected stages need per-group roles, which the "
+                          f"'{recipe.algorithm.sampler}' sampler does not provide; use sampler: {{name: pairing}}")
+    if getattr(sampler, "provides_roles", False) and (t.prompts_per_step // t.mini_batches) % 2:
+        raise ConfigError(f"trainer.prompts_per_step: the pairing sampler needs an even number of prompts per "
+                          f"mini-batch (pairs of q+ and q-), got {t.prompts_per_step // t.mini_batches}")
+    if pipeline.loss.name == "paft" and t.micro_batch_size < r.group_size:
+        raise ConfigError(f"trainer.micro_batch_size ({t.micro_batch_size}) must be >= rollout.group_size "
+                          f"({r.group_size}) with the paft loss, which resamples within whole groups")
     if r.group_size == 1 and pipeline.estimator.name in _GROUP_BASELINES:
         raise ConfigError(
             f"rollout.group_size: 1 gives '{pipeline.estimator.name}' a zero advantage for every completion; "

@@ -106,7 +106,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "w_reinforce": {"advantage": [{"name": "w_reinforce", "lam": 0.1}]},
     "ace": {"advantage": [{"name": "grpo"}, {"name": "ace", "alpha": 1.0}]},
     "resrl": {"advantage": [{"name": "grpo"}, {"name": "resrl"}]},
-    "weighted_grpo": {"advantage": [{"name": "weighted_grpo", "lam": 1.0}], "sampler": {"name": "pairing"}},
+    "weighted_grpo": {"advantage": [{"name": "weighted_grpo", "lam": 1.0}], "sampler": {"name": "pairing", "probe_size": 256}},
     "garl_binary": {"advantage": [{"name": "garl", "mode": "binary", "q": 0.75}], "aggregation": "seq_mean_token_sum"},
     "garl": {"advantage": [{"name": "garl", "mode": "likelihood", "q": 0.75}], "aggregation": "seq_mean_token_sum"},
     "paft": {"advantage": [{"name": "grpo"}], "loss": {"name": "paft", "mode": "likelihood", "q": 0.75},

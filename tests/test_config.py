@@ -138,3 +138,9 @@ def test_cli_overrides_may_follow_options(monkeypatch):
     with pytest.raises(SystemExit) as info:
         cli.main(["compare", str(QUICKSTART), "--variants", "grpo", "--bogus"])
     assert info.value.code == 2
+
+
+def test_paft_needs_whole_groups_per_micro_batch():
+    with pytest.raises(ConfigError, match="must be >= rollout.group_size"):
+        build_recipe({"algorithm": {"loss": {"name": "paft"}}, "trainer": {"micro_batch_size": 4},
+                      "rollout": {"group_size": 8}})

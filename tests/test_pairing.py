@@ -48,7 +48,11 @@ def test_probe_cache_and_resume(tmp_path):
     resumed.load_state_dict(state)
     assert resumed.next_indices(4) == expected
     assert len(calls) == 1  # the resumed sampler reused the cached probe
-    assert json.loads((tmp_path / "probe.json").read_text())["0"]["hard"]
+    assert json.loads((tmp_path / "probe.json").read_text())["probes"]["0"]["hard"]
+    other = PairingSampler(10, seed=4)  # another seed: the cache does not apply
+    other.attach(_context(tmp_path, calls))
+    other.next_indices(4)
+    assert len(calls) == 2
 
 
 def test_refresh_every_reprobes(tmp_path):
@@ -79,11 +83,14 @@ def test_pool_patterns(tmp_path):
 
 def test_weighted_grpo_needs_the_pairing_sampler(tmp_path, tiny_model_dir):
     from rltk.config import ConfigError
-    from rltk.trainer.rl import RLTrainer
 
     data = small_recipe_data(tiny_model_dir, tmp_path, algorithm={"advantage": [{"name": "weighted_grpo"}]})
-    with pytest.raises(ConfigError, match="needs per-group roles"):
-        RLTrainer(build_recipe(data))
+    with pytest.raises(ConfigError, match="need per-group roles, which the 'uniform' sampler does not provide"):
+        build_recipe(data)  # before any model loads
+    data = small_recipe_data(tiny_model_dir, tmp_path, trainer={"prompts_per_step": 3},
+                             algorithm={"advantage": [{"name": "weighted_grpo"}], "sampler": "pairing"})
+    with pytest.raises(ConfigError, match="even number of prompts"):
+        build_recipe(data)
 
 
 def test_weighted_grpo_trains_with_pairing(tmp_path, tiny_model_dir, monkeypatch):

@@ -189,3 +189,131 @@ def test_resrl_paper_recipes(relative, response):
     assert r.eval.n == 128 and r.eval.top_p == 1.0  # avg@16 and pass@128
     assert "hidden(-2)" in _needs(r)
     assert "ref_logps" not in _needs(r)  # KL 0: no reference model
+
+
+# ------------------------------------------------------------------------------- pairing, GARL and PAFT (issue 5)
+
+TSALLIS_QUICKSTART = ["weighted_grpo", "garl", "paft"]
+TSALLIS_PAPER_RECIPES = [
+    "qwen2.5-math-7b/weighted_grpo.yaml",
+    "qwen2.5-1.5b-instruct/garl.yaml",
+    "qwen2.5-1.5b-instruct/paft.yaml",
+]
+
+
+def _sampler(recipe: Recipe):
+    """The recipe's sampler built as the trainer builds it (no model, no probing)."""
+    from rltk.algos.pipeline import StageCall
+
+    call = StageCall.from_spec("sampler", recipe.algorithm.sampler)
+    return call.name, call.params, call.stage.fn(100, recipe.trainer.seed, **call.params)
+
+
+def test_the_recipe_tree_holds_the_pairing_and_tsallis_recipes():
+    names = {_id(p) for p in ALL_RECIPES}
+    expected = {*(f"quickstart/{v}.yaml" for v in TSALLIS_QUICKSTART), *TSALLIS_PAPER_RECIPES}
+    assert expected <= names, sorted(expected - names)
+
+
+@pytest.mark.parametrize("variant", TSALLIS_QUICKSTART)
+def test_tsallis_quickstart_variant_differs_from_grpo_only_in_algorithm(variant):
+    """As for the other quickstart variants, with one allowed difference: quickstart/weighted_grpo.yaml
+    may give the pairing sampler knobs on top of the `rltk compare` preset's (probe_size 256 keeps
+    the CPU probe short); everything else in `algorithm` is the preset."""
+    base = load_recipe_data(RECIPES / "quickstart" / "grpo.yaml")
+    data = load_recipe_data(RECIPES / "quickstart" / f"{variant}.yaml")
+    assert set(data) == set(base)
+    for section in base:
+        if section != "algorithm":
+            assert data[section] == base[section], f"quickstart/{variant}.yaml: '{section}' differs from grpo.yaml"
+    algorithm = dict(data["algorithm"])
+    preset = dict(variant_data(base, variant)["algorithm"])
+    if variant == "weighted_grpo":
+        name, params = _entry(algorithm.pop("sampler"))
+        preset_name, preset_params = _entry(preset.pop("sampler"))
+        assert name == preset_name == "pairing"
+        assert preset_params.items() <= params.items()
+    assert algorithm == preset
+
+
+def test_quickstart_weighted_grpo():
+    from rltk.algos.weighted import weighted_grpo
+
+    r = _load("quickstart/weighted_grpo.yaml")
+    assert _advantage(r) == [("weighted_grpo", {"lam": 1.0})]
+    lam_default = inspect.signature(weighted_grpo).parameters["lam"].default
+    scope_default = inspect.signature(weighted_grpo).parameters["scope"].default
+    assert (lam_default, scope_default) == (1.0, "pair")  # the recipe keeps the pair reading, lambda = 1
+    name, params, sampler = _sampler(r)
+    assert name == "pairing" and params == {"probe_size": 256}
+    assert sampler.provides_roles and sampler.c is None and sampler.refresh_every == 0  # c = G/4, probe once
+    assert sampler.patterns == {"hard": ".*", "easy": ".*"}  # both pools: the whole training set
+    assert r.trainer.prompts_per_step % 2 == 0 and r.trainer.mini_batches == 1  # whole (q+, q-) pairs
+    assert _needs(r) == {"roles"}
+
+
+@pytest.mark.parametrize("variant", ["garl", "paft"])
+def test_quickstart_garl_and_paft(variant):
+    r = _load(f"quickstart/{variant}.yaml")
+    tsallis = {"mode": "likelihood", "q": 0.75}
+    if variant == "garl":
+        assert _advantage(r) == [("garl", tsallis)]
+    else:
+        assert _entry(r.algorithm.loss) == ("paft", tsallis)
+    assert r.algorithm.aggregation == "seq_mean_token_sum"
+    assert _needs(r) == {"answer_logps"}  # the extra no-grad forward over prompt + rationale + gold answer
+    assert r.data.answer_template == "\\boxed{{{answer}}}"  # the built-in solutions end in \boxed{ANSWER}
+    assert r.trainer.micro_batch_size % r.rollout.group_size == 0  # whole groups per micro-batch
+
+
+def test_paper_weighted_grpo_recipe():
+    """Sheng et al. 2026 on Qwen2.5-Math-7B: one (q+, q-) pair per update from the 1,209-prompt pool,
+    c = G/4, the bidirectional pair reading with lambda = 1, pass@k up to 64."""
+    r = _load("qwen2.5-math-7b/weighted_grpo.yaml")
+    assert r.model.name_or_path == "Qwen/Qwen2.5-Math-7B"
+    assert r.model.dtype == "bfloat16" and r.model.gradient_checkpointing
+    d = r.data
+    assert d.source == "agentica-org/DeepScaleR-Preview-Dataset" and d.num_train == 1209
+    assert d.eval_source == "yentinglin/aime_2025" and not d.extract_boxed_answer
+    assert _advantage(r) == [("weighted_grpo", {"scope": "pair", "lam": 1.0})]
+    name, params, sampler = _sampler(r)
+    assert name == "pairing" and sampler.provides_roles
+    assert params["c"] == r.rollout.group_size // 4 == 2
+    assert params["refresh_every"] == 0 and params["probe_size"] >= d.num_train  # probe the whole pool once
+    assert r.trainer.prompts_per_step == 2 and r.trainer.mini_batches == 1  # a single pair per update
+    assert _needs(r) == {"roles"}
+    assert d.max_prompt_length + r.rollout.max_new_tokens <= 4096  # Qwen2.5-Math-7B's context
+    assert d.max_prompt_length + (r.eval.max_new_tokens or r.rollout.max_new_tokens) <= 4096
+    assert r.eval.n == 64 and r.eval.ks == [1, 2, 4, 8, 16, 32, 64]  # pass@8 (AIME 2025), pass@64 (AMC23)
+    assert _terms(r)["kl"]["coef"] == 0.0
+
+
+@pytest.mark.parametrize("method", ["garl", "paft"])
+def test_paper_garl_paft_recipes(method):
+    """Lin & Ie 2026 with the paper's M = 32 and q = 0.75 in likelihood mode on a small instruct model."""
+    from rltk.algos.tsallis import garl
+
+    r = _load(f"qwen2.5-1.5b-instruct/{method}.yaml")
+    assert r.model.name_or_path == "Qwen/Qwen2.5-1.5B-Instruct" and r.data.chat_template
+    assert r.rollout.group_size == 32  # M
+    tsallis = {"mode": "likelihood", "q": 0.75}
+    assert inspect.signature(garl).parameters["q"].default == 0.75
+    if method == "garl":
+        assert _advantage(r) == [("garl", tsallis)]
+        assert r.algorithm.loss == "reinforce"
+    else:
+        assert _advantage(r) == [("grpo", {})]  # ignored by paft
+        assert _entry(r.algorithm.loss) == ("paft", tsallis)
+    assert r.algorithm.aggregation == "seq_mean_token_sum"
+    assert _needs(r) == {"answer_logps"}
+    assert _terms(r)["kl"]["coef"] == 0.0  # no reference model
+    d = r.data
+    # the gold answer is written after each rationale the way the prompt asks the model to answer
+    from rltk.data.templates import TEMPLATES
+
+    assert d.extract_boxed_answer and "\\boxed{}" in TEMPLATES[d.template].format(question="Q?")
+    assert d.answer_template.format(answer="42") == "\\boxed{42}"
+    assert (r.trainer.ppo_epochs, r.trainer.mini_batches) == (1, 1)  # on-policy, one update per batch
+    assert r.trainer.micro_batch_size % r.rollout.group_size == 0  # PAFT draws within whole groups
+    assert r.eval.n == 16 and r.eval.maj  # the paper reports maj@16
+    assert r.trainer.output_dir.endswith(method)

@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from rltk.algos.registry import StageError, register_sampler
+from rltk.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ class ProbeContext:
     group_size: int
     example_ids: list[str]
     cache_path: Path
+    fingerprint: str = ""  # what the probes depend on (model, seed, ...); a mismatching cache is ignored
 
 
 @register_sampler("pairing")
@@ -47,7 +49,7 @@ class PairingSampler:
     level, e.g. ``^L3-``).
     """
 
-    provides_roles = True
+    provides_roles = True  # the trainer passes ``last_roles`` to the stages as ``Rollouts.roles``
 
     def __init__(self, num_prompts: int, seed: int, *, c: int | None = None, refresh_every: int = 0,
                  probe_size: int = 512, hard_pool: str = ".*", easy_pool: str = ".*"):
@@ -85,14 +87,17 @@ class PairingSampler:
     def _probe(self) -> None:
         """Probe both pools with the current policy (or reuse the cache for this refresh)."""
         key = str(self.batches)
-        cache = json.loads(self.context.cache_path.read_text()) if self.context.cache_path.is_file() else {}
+        fingerprint = f"{self.context.fingerprint}|G={self.context.group_size}|probe_size={self.probe_size}|" \
+                      f"pools={self.patterns}|seed={self.seed}"
+        path = self.context.cache_path
+        stored = json.loads(path.read_text()) if path.is_file() else {}
+        cache = stored.get("probes", {}) if stored.get("fingerprint") == fingerprint else {}
         if key not in cache:
             candidates = {pool: self._candidates(pool) for pool in ("hard", "easy")}
             unique = sorted(set(candidates["hard"]) | set(candidates["easy"]))
             successes = dict(zip(unique, self.context.probe(unique)))
             cache[key] = {pool: [[i, successes[i]] for i in idx] for pool, idx in candidates.items()}
-            self.context.cache_path.parent.mkdir(parents=True, exist_ok=True)
-            self.context.cache_path.write_text(json.dumps(cache))
+            atomic_write_json(path, {"fingerprint": fingerprint, "probes": cache})
         g = self.context.group_size
         c = self.c if self.c is not None else max(1, g // 4)
         eligible = {"hard": lambda s: 1 <= s <= c, "easy": lambda s: g - c <= s <= g - 1}

@@ -71,9 +71,6 @@ class RLTrainer:
         self._setup_model(policy_path or resolve_model_path(recipe.model, self.out))
         self._setup_data()
         self.sampler = self._make_sampler()
-        if "roles" in self.needs and not getattr(self.sampler, "provides_roles", False):
-            raise ConfigError("algorithm: a selected stage needs per-group roles; choose a sampler that provides "
-                              "them (e.g. sampler: {name: pairing})")
         if getattr(self.sampler, "provides_roles", False) and (t.prompts_per_step // t.mini_batches
                                                               // self.accelerator.num_processes) % 2:
             raise ConfigError("trainer.prompts_per_step: a pairing sampler needs an even number of prompts per "
@@ -84,7 +81,8 @@ class RLTrainer:
             from rltk.algos.pairing import ProbeContext
 
             self.sampler.attach(ProbeContext(self.probe, recipe.rollout.group_size,
-                                             [e.id for e in self.train_examples], self.out / "pairing_probe.json"))
+                                             [e.id for e in self.train_examples], self.out / "pairing_probe.json",
+                                             fingerprint=f"{self.policy_path}|{recipe.data.source}|{recipe.rollout}"))
         from rewards.math import MathVerifier
         from rewards.registry import get_reward_function
 
