@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompt/chosen/rejected (default) or prompt/completion/label rows")
     pairs.add_argument("--split", default="train", help="split, when reading an HF dataset")
     pairs.add_argument("--exclude-source", default="", help="comma-separated `source` values of Open-R1 rows to skip")
+    pairs.add_argument("--sft-per-prompt", type=int, help="SFT rows per prompt (default: every correct trace)")
 
     redi = sub.add_parser("redi", help="REDI: SFT on correct traces, then the REDI objective on (correct, wrong) pairs")
     _add_recipe_args(redi)
@@ -169,9 +170,9 @@ def _cmd_data(args) -> int:
     excluded = tuple(s.strip() for s in args.exclude_source.split(",") if s.strip())
     stats = make_pairs(args.samples, args.out, sft_out=args.sft_out, min_chars=args.min_chars,
                        max_chars=args.max_chars, seed=args.seed, fmt=args.format, split=args.split,
-                       exclude_sources=excluded)
+                       exclude_sources=excluded, sft_per_prompt=args.sft_per_prompt)
     print("\n".join(stats.lines()))
-    print(f"wrote {args.out} ({args.format})" + (f" and {args.sft_out} ({stats.correct} SFT rows)" if args.sft_out else ""))
+    print(f"wrote {args.out} ({args.format})" + (f" and {args.sft_out}" if args.sft_out else ""))
     return 0
 
 

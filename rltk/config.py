@@ -277,12 +277,15 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        errors = []
+        errors = {}
         for option in typing.get_args(tp):
             try:
                 return _convert(value, option, where)
             except ConfigError as exc:
-                errors.append(exc)
+                errors[option] = exc
+        for option, exc in errors.items():  # a mapping for a section: its own error names the inner key
+            if isinstance(value, dict) and dataclasses.is_dataclass(option):
+                raise exc
         raise _type_error(where, value, tp)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -455,6 +458,74 @@ def _positive(value: float, key: str, fix: str = "") -> None:
         raise ConfigError(f"{key}: must be > 0, got {value}{'; ' + fix if fix else ''}")
 
 
+_TRACKERS = {"tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"}
+_DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+def _validate_values(recipe: Recipe) -> None:
+    """Ranges and names of single fields that need no registry."""
+    from transformers import SchedulerType
+
+    from rltk.data.templates import TEMPLATES
+
+    t, d, e, m = recipe.trainer, recipe.data, recipe.eval, recipe.model
+    for key, value in [("data.num_train", d.num_train), ("data.num_test", d.num_test),
+                       ("data.max_prompt_length", d.max_prompt_length), ("eval.batch_size", e.batch_size),
+                       ("eval.max_new_tokens", e.max_new_tokens), ("eval.num_problems", e.num_problems),
+                       ("eval.temperature", e.temperature), ("trainer.keep_checkpoints", t.keep_checkpoints),
+                       ("verifier.num_workers", recipe.verifier.num_workers), ("sft.lr", recipe.sft.lr),
+                       ("model.tiny.hidden_size", m.tiny.hidden_size), ("model.tiny.num_layers", m.tiny.num_layers),
+                       ("model.tiny.num_heads", m.tiny.num_heads),
+                       ("model.tiny.intermediate_size", m.tiny.intermediate_size),
+                       ("model.lora.r", m.lora.r if m.lora else None)]:
+        if value is not None:
+            _positive(value, key)
+    for key, value in [("rollout.top_k", recipe.rollout.top_k), ("trainer.max_grad_norm", t.max_grad_norm),
+                       ("trainer.save_every", t.save_every), ("trainer.eval_every", t.eval_every),
+                       ("trainer.weight_decay", t.weight_decay)]:
+        if value < 0:
+            raise ConfigError(f"{key}: must be >= 0, got {value}")
+    if m.tiny.hidden_size % m.tiny.num_heads:
+        raise ConfigError(f"model.tiny.hidden_size ({m.tiny.hidden_size}) must be a multiple of "
+                          f"model.tiny.num_heads ({m.tiny.num_heads})")
+    if e.ks is not None and (not e.ks or min(e.ks) < 1):
+        raise ConfigError(f"eval.ks: every k must be >= 1, got {e.ks}")
+    if len(t.adam_betas) != 2 or not all(0 <= b < 1 for b in t.adam_betas):
+        raise ConfigError(f"trainer.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
+    if not 0 <= recipe.sft.warmup_ratio < 1:
+        raise ConfigError(f"sft.warmup_ratio: must be in [0, 1), got {recipe.sft.warmup_ratio}")
+    if not 0 < recipe.rollout.vllm.gpu_memory_utilization <= 1:
+        raise ConfigError("rollout.vllm.gpu_memory_utilization: must be in (0, 1]")
+    schedulers = sorted(s.value for s in SchedulerType)
+    if t.lr_scheduler not in schedulers:
+        close = difflib.get_close_matches(t.lr_scheduler, schedulers, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"trainer.lr_scheduler: unknown scheduler '{t.lr_scheduler}'{hint}; one of {', '.join(schedulers)}")
+    unknown = sorted(set(recipe.logging.report_to) - _TRACKERS)
+    if unknown:
+        raise ConfigError(f"logging.report_to: unknown tracker '{unknown[0]}'; one of {', '.join(sorted(_TRACKERS))}")
+    if d.template not in TEMPLATES and "{question}" not in d.template:
+        raise ConfigError(f"data.template: unknown template '{d.template}'; use one of {', '.join(sorted(TEMPLATES))} "
+                          "or a string containing {question}")
+    _validate_sources(recipe)
+
+
+def _validate_sources(recipe: Recipe) -> None:
+    """Local files and directories named in the recipe exist; built-in levels are known."""
+    from rltk.data.synthetic import LEVELS
+
+    d = recipe.data
+    for key, source in [("data.source", d.source), ("data.eval_source", d.eval_source)]:
+        if source and source != "builtin" and (source.endswith(_DATA_SUFFIXES) or source.startswith((".", "/", "~")))\
+                and not Path(source).expanduser().exists():
+            raise ConfigError(f"{key}: data file '{source}' does not exist")
+    if "builtin" in (d.source, d.eval_source) and (not d.levels or any(level not in LEVELS for level in d.levels)):
+        raise ConfigError(f"data.levels: built-in task levels are {sorted(LEVELS)}, got {d.levels}")
+    for key, path in [("model.name_or_path", recipe.model.name_or_path), ("model.ref_model", recipe.model.ref_model)]:
+        if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+            raise ConfigError(f"{key}: model directory '{path}' does not exist")
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field rules; stage names and parameters are resolved against the registries."""
     from rltk.algos.pipeline import AlgorithmPipeline
@@ -492,12 +563,17 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"eval.ks: k = {max(recipe.eval.ks)} exceeds eval.n = {recipe.eval.n}; raise eval.n")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
+    if t.steps % (t.ppo_epochs * t.mini_batches):
+        raise ConfigError(f"trainer.steps ({t.steps}) must be a multiple of ppo_epochs × mini_batches "
+                          f"({t.ppo_epochs * t.mini_batches})")
+    _validate_values(recipe)
     from rltk.algos.pipeline import StageCall
 
     try:
         pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
                                      recipe.algorithm.aggregation, recipe.algorithm.terms)
-        StageCall.from_spec("sampler", recipe.algorithm.sampler)
+        sampler_call = StageCall.from_spec("sampler", recipe.algorithm.sampler)
+        sampler_call.stage.fn(max(2, t.prompts_per_step), t.seed, **sampler_call.params)  # checks its knobs
         pipeline.dry_run()
     except StageError as exc:
         raise ConfigError(f"algorithm: {exc}") from None

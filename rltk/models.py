@@ -117,7 +117,11 @@ def resolve_model_path(cfg: ModelConfig, work_dir: str | Path) -> str:
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     """Tokenizer with a pad token and left padding (prompts are left-padded for generation)."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ConfigError(f"model.name_or_path: cannot load a tokenizer from '{name_or_path}': "
+                          f"{str(exc).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -52,7 +52,8 @@ class PairStats:
     truncated_dropped: int = 0
     length_filtered: int = 0
     duplicates: int = 0
-    correct: int = 0  # kept correct traces (= SFT rows)
+    correct: int = 0  # kept correct traces
+    sft_rows: int = 0  # SFT rows written (all kept correct traces, or --sft-per-prompt of each prompt)
     wrong: int = 0  # kept wrong traces
     pairs: int = 0
     all_correct_prompts: int = 0  # prompts without a pair: every kept trace correct
@@ -66,7 +67,7 @@ class PairStats:
             + (f" ({self.invalid_problems} invalid or excluded problems skipped)" if self.invalid_problems else ""),
             f"dropped: {self.truncated_dropped} truncated, {self.length_filtered} outside the length limits, "
             f"{self.duplicates} duplicates",
-            f"kept: {self.correct} correct and {self.wrong} wrong traces",
+            f"kept: {self.correct} correct and {self.wrong} wrong traces; {self.sft_rows} SFT rows",
             f"pairs: {self.pairs}; prompts without a pair: {self.all_correct_prompts} all correct, "
             f"{self.all_wrong_prompts} all wrong, {self.empty_prompts} with no trace left",
         ]
@@ -96,7 +97,8 @@ def read_rows(source: str, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{source}: line {number} is not valid JSON ({exc.msg}, column {exc.colno})") from None
+                    raise DataError(f"{source}: line {number} is not valid JSON "
+                                    f"({exc.msg}, column {exc.colno})") from None
                 if not isinstance(row, dict):
                     raise DataError(f"{source}: line {number} is a {type(row).__name__}, expected one JSON object "
                                     "per line")
@@ -184,14 +186,18 @@ def read_traces(source: str, *, split: str = "train", exclude_sources: tuple[str
 
 
 def build_pairs(traces: list[Trace], *, min_chars: int = 0, max_chars: int | None = None, seed: int = 0,
-                fmt: str = "preference", stats: PairStats | None = None) -> tuple[list[dict], list[dict], PairStats]:
+                fmt: str = "preference", sft_per_prompt: int | None = None,
+                stats: PairStats | None = None) -> tuple[list[dict], list[dict], PairStats]:
     """(pair rows, SFT rows, stats) from ``traces``: drop truncated traces, traces outside
     [``min_chars``, ``max_chars``] and duplicate (prompt, completion)s; SFT rows are the kept correct
-    traces; one seeded (correct, wrong) pair per prompt that has both."""
+    traces (all, or ``sft_per_prompt`` of each prompt, seeded, the pair's chosen one first); one
+    seeded (correct, wrong) pair per prompt that has both."""
     if fmt not in FORMATS:
         raise DataError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if min_chars < 0 or (max_chars is not None and max_chars < min_chars):
         raise DataError(f"length limits must satisfy 0 <= min_chars <= max_chars, got {min_chars}, {max_chars}")
+    if sft_per_prompt is not None and sft_per_prompt < 1:
+        raise DataError(f"--sft-per-prompt must be >= 1, got {sft_per_prompt}")
     stats = stats if stats is not None else PairStats(traces=len(traces), prompts=len({t.prompt for t in traces}))
     by_prompt: dict[str, tuple[list[str], list[str]]] = {t.prompt: ([], []) for t in traces}
     seen: set[tuple[str, str]] = set()
@@ -210,7 +216,10 @@ def build_pairs(traces: list[Trace], *, min_chars: int = 0, max_chars: int | Non
     for prompt, (correct, wrong) in by_prompt.items():
         stats.correct += len(correct)
         stats.wrong += len(wrong)
-        sft.extend({"prompt": prompt, "completion": c} for c in correct)
+        rng = random.Random(f"{seed}\x00{prompt}")  # str seeds hash with SHA-512: stable across runs
+        shuffled = rng.sample(correct, len(correct))
+        kept = correct if sft_per_prompt is None else shuffled[:sft_per_prompt]
+        sft.extend({"prompt": prompt, "completion": c} for c in kept)
         if not correct and not wrong:
             stats.empty_prompts += 1
         elif not wrong:
@@ -218,14 +227,14 @@ def build_pairs(traces: list[Trace], *, min_chars: int = 0, max_chars: int | Non
         elif not correct:
             stats.all_wrong_prompts += 1
         else:
-            rng = random.Random(f"{seed}\x00{prompt}")  # str seeds hash with SHA-512: stable across runs
-            chosen, rejected = rng.choice(correct), rng.choice(wrong)
+            chosen, rejected = shuffled[0], rng.choice(wrong)
             if fmt == "preference":
                 pairs.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
             else:
                 pairs.append({"prompt": prompt, "completion": chosen, "label": True})
                 pairs.append({"prompt": prompt, "completion": rejected, "label": False})
             stats.pairs += 1
+    stats.sft_rows = len(sft)
     return pairs, sft, stats
 
 
@@ -235,13 +244,13 @@ def _jsonl(rows: list[dict]) -> str:
 
 def make_pairs(source: str, out: str | Path, *, sft_out: str | Path | None = None, min_chars: int = 0,
                max_chars: int | None = None, seed: int = 0, fmt: str = "preference", split: str = "train",
-               exclude_sources: tuple[str, ...] = ()) -> PairStats:
+               exclude_sources: tuple[str, ...] = (), sft_per_prompt: int | None = None) -> PairStats:
     """``rltk data pairs``: read ``source``, write the pairs to ``out`` (and the SFT rows to
     ``sft_out``) atomically, and return the counts."""
     stats = PairStats(excluded_sources=list(exclude_sources))
     traces = read_traces(source, split=split, exclude_sources=exclude_sources, stats=stats)
     pairs, sft, stats = build_pairs(traces, min_chars=min_chars, max_chars=max_chars, seed=seed, fmt=fmt,
-                                    stats=stats)
+                                    sft_per_prompt=sft_per_prompt, stats=stats)
     atomic_write_text(out, _jsonl(pairs))
     if sft_out is not None:
         atomic_write_text(sft_out, _jsonl(sft))

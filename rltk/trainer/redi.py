@@ -119,19 +119,23 @@ def _texts(table: RediTable, where: str, row: dict[str, Any], tokenizer, recipe:
     from trl.data_utils import is_conversational, maybe_apply_chat_template
 
     example = {c: row[c] for c in COLUMNS[table.fmt]}
-    if is_conversational(example):
-        return {**example, **maybe_apply_chat_template(example, tokenizer)}
-    for column in COLUMNS[table.fmt]:
-        if column != "label" and not isinstance(example[column], str):
-            raise DataError(f"redi.data '{table.source}': {where}: '{column}' must be a string or a list of "
-                            f"messages, got {type(example[column]).__name__}")
-    if recipe.redi.format_prompts:
-        from rltk.data.templates import format_prompt
+    try:
+        if is_conversational(example):
+            return {**example, **maybe_apply_chat_template(example, tokenizer)}
+        for column in COLUMNS[table.fmt]:
+            if column != "label" and not isinstance(example[column], str):
+                raise DataError(f"'{column}' must be a string or a list of messages, got "
+                                f"{type(example[column]).__name__}")
+        if recipe.redi.format_prompts:
+            from rltk.data.templates import format_prompt
 
-        d = recipe.data
-        example["prompt"] = format_prompt(example["prompt"], d.template, tokenizer=tokenizer,
-                                          chat_template=d.chat_template, system_prompt=d.system_prompt)
-    return example
+            d = recipe.data
+            example["prompt"] = format_prompt(example["prompt"], d.template, tokenizer=tokenizer,
+                                              chat_template=d.chat_template, system_prompt=d.system_prompt)
+        return example
+    except (DataError, ValueError, KeyError, TypeError) as exc:  # e.g. a tokenizer without a chat template
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataError(f"redi.data '{table.source}': {where}: {message}") from None
 
 
 def tokenize_table(table: RediTable, tokenizer, recipe: Recipe) -> RediData:

@@ -32,30 +32,9 @@ _BARS = "transformers' 'Loading weights' progress bars add lines to stderr"
 
 # recipe stem -> what happens today (rltk should fail in rltk.config.validate, before anything loads)
 KNOWN_FAILURES = {
-    "unknown_deep_key": "exit 2, but the message is \"model.lora: expected mapping | null, got {'rank': 8} (dict)\": "
-                        "the Union branch of config._convert drops the inner 'unknown key' error",
-    "lora_rank_wrong_type": "exit 2, but the message is \"model.lora: expected mapping | null, got {'r': 'eight'} "
-                            "(dict)\" instead of naming model.lora.r (same cause as unknown_deep_key)",
-    "needs_roles_uniform_sampler": f"exit 2 with the right message, but {_LATE}; {_WRITES}; {_BARS}. No registered "
-                                   "sampler provides roles, and the message suggests a 'pairing' sampler that "
-                                   "does not exist",
-    "needs_answer_logps": f"exit 2 with the right message, but checked in RLTrainer._check_layout; {_WRITES}",
-    "steps_not_multiple_of_updates": f"exit 2 with the right message, but checked in RLTrainer._check_layout; {_WRITES}",
-    "missing_data_file": f"exit 2 ('data file not found'), but the data is read only in RLTrainer; {_WRITES}; {_BARS}",
-    "num_train_zero": f"exit 2 ('num_examples must be >= 1; got 0', without the key data.num_train); {_LATE}; {_WRITES}",
-    "builtin_level_out_of_range": f"exit 2 ('builtin task: levels must be ...'); {_LATE}; {_WRITES}",
-    "levels_empty": f"exit 2 ('builtin task: levels must be ...'); {_LATE}; {_WRITES}",
-    "max_prompt_length_zero": f"exit 2 ('every prompt is longer than data.max_prompt_length = 0'); {_LATE}; "
-                              f"{_WRITES}",
-    "missing_model_dir": "traceback: OSError ('Repo id must use alphanumeric chars ...') from AutoTokenizer, "
-                         f"which the CLI does not catch (load_tokenizer does not wrap it); {_WRITES}",
-    "unknown_template": f"traceback: ValueError ('unknown template') from format_prompt; {_LATE}",
-    "unknown_lr_scheduler": f"traceback: ValueError from transformers.get_scheduler; {_LATE}",
-    "verifier_no_workers": f"traceback: ValueError ('num_workers must be >= 1') from VerifierPool; {_LATE}",
-    "tiny_model_zero_width": f"traceback: ZeroDivisionError while building the tiny model; {_WRITES}",
-    "adam_betas_one_value": f"traceback: IndexError from torch.optim.AdamW; {_LATE}",
-    "report_to_unknown": "traceback: ValueError ('Unsupported logging capability') from accelerate.Accelerator in "
-                         "RLTrainer",
+    "chat_template_not_set": "traceback: ValueError ('Cannot use chat template functions because "
+                             "tokenizer.chat_template is not set') from build_prompts, for data.chat_template: true "
+                             f"with a tokenizer that has none (the tiny model's); {_LATE}",
 }
 
 # The subprocess sample: clean cases of different kinds (schema, cross-field, stage, YAML, output dir).

@@ -38,12 +38,12 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from rewards import REASONS, MathVerifier, last_boxed
+from rewards import REASONS, MathVerifier, format_reward, last_boxed
 
 DEADLINE_S = 2.0
 NUM_WORKERS = 2
 MARGIN_S = 3.0
-SLACK_S = 0.5  # the pool notices an overrun on its next poll; a loaded machine adds delay
+SLACK_S = 1.0  # the pool notices an overrun on its next poll; a loaded 2-core CI machine adds delay
 PER_ITEM_S = 0.02
 BATCH = 100  # completions per score call (hypothesis caps the choices one example may draw)
 SCALE = max(1, int(os.environ.get("RLTK_FUZZ_SCALE", "1")))
@@ -134,6 +134,7 @@ class Harness:
         bound = (busy + replaced * self.warmup_s) / NUM_WORKERS + slot_s + MARGIN_S + PER_ITEM_S * len(completions)
         assert elapsed <= bound, (f"{elapsed:.1f}s > {bound:.1f}s for {len(completions)} items: "
                                   f"{busy:.1f}s busy, {replaced} workers replaced")
+        assert set(format_reward(completions)) <= {0.0, 1.0}  # the other built-in reward, in this process
         assert not self.marker.exists(), "an injection payload ran"
         assert sorted(p.name for p in self.cwd.iterdir()) == [], "a file appeared in the workers' cwd"
         STATS["items"] += len(completions)
@@ -237,7 +238,7 @@ def _extend(children):
     )
 
 
-latex = st.recursive(atoms, _extend, max_leaves=8)
+latex = st.recursive(atoms, _extend, max_leaves=6)
 any_text = st.text(max_size=40)
 odd_chars = st.text(st.characters(categories=["Cc", "Cf", "Co", "Cs", "Zs", "Zl", "Zp", "Mn", "Me", "So"]),
                     max_size=30)
@@ -298,7 +299,7 @@ def _run(harness, name: str, pairs):
 
 
 def test_fuzz_unicode_with_boxes(harness):
-    @settings(FUZZ, max_examples=7 * SCALE)
+    @settings(FUZZ, max_examples=8 * SCALE)
     @given(_pairs(boxed_unicode))
     def run(pairs):
         _run(harness, "unicode", pairs)
@@ -307,7 +308,7 @@ def test_fuzz_unicode_with_boxes(harness):
 
 
 def test_fuzz_nested_latex(harness):
-    @settings(FUZZ, max_examples=3 * SCALE)
+    @settings(FUZZ, max_examples=2 * SCALE)
     @given(_pairs(boxed_latex))
     def run(pairs):
         _run(harness, "latex", pairs)
@@ -345,7 +346,7 @@ def test_fuzz_long_strings(harness):
 def test_fuzz_mixed_with_heavy_items(harness):
     """Mostly light items plus two known-heavy ones (towers, deep nesting) per batch: the heavy
     ones time out on their own workers while the rest of the batch goes on."""
-    light = st.one_of(boxed_unicode, boxed_latex, controls, injections(str(harness.marker)))
+    light = st.one_of(boxed_unicode, controls, injections(str(harness.marker)))
 
     @settings(FUZZ, max_examples=3 * SCALE)
     @given(_pairs(light, batch=BATCH - 2), st.lists(st.tuples(heavy, GOLDS), min_size=2, max_size=2),
