@@ -16,7 +16,6 @@ from rltk.data import (
     Example,
     format_prompt,
     generate_problems,
-    last_boxed_content,
     load_examples,
     load_examples_with_stats,
     split_of,
@@ -172,7 +171,7 @@ def test_builtin_templates():
 
 
 def test_unknown_or_malformed_templates_raise():
-    with pytest.raises(ValueError, match="'boxed', 'builtin', 'plain'"):
+    with pytest.raises(ValueError, match="'boxed', 'builtin', 'compact', 'plain'"):
         format_prompt("1+1", "nope")
     with pytest.raises(ValueError, match="double literal braces"):
         format_prompt("1+1", "{question} \\boxed{}")
@@ -252,6 +251,8 @@ def test_boxed_answers_are_extracted_from_a_solution_field(tmp_path):
 
 
 def test_last_boxed_content():
+    from rewards.extract import last_boxed as last_boxed_content
+
     assert last_boxed_content("a \\boxed{\\frac{1}{2}} b") == "\\frac{1}{2}"
     assert last_boxed_content("\\boxed{1} no \\boxed{2}") == "2"
     assert last_boxed_content("\\boxed{\\sqrt{4}} then \\boxed{5") == "\\sqrt{4}"

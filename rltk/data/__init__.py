@@ -4,7 +4,6 @@ from rltk.data.loaders import (
     DataError,
     Example,
     LoadStats,
-    last_boxed_content,
     load_examples,
     load_examples_with_stats,
 )
@@ -21,7 +20,6 @@ __all__ = [
     "Problem",
     "format_prompt",
     "generate_problems",
-    "last_boxed_content",
     "load_examples",
     "load_examples_with_stats",
     "split_of",

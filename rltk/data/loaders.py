@@ -10,18 +10,19 @@ counts are logged as a warning whenever rows are skipped). Prompts are not forma
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rewards.extract import last_boxed
 from rltk.data.synthetic import generate_problems
 
 __all__ = [
     "DataError",
     "Example",
     "LoadStats",
-    "last_boxed_content",
     "load_examples",
     "load_examples_with_stats",
 ]
@@ -55,21 +56,6 @@ class LoadStats:
     kept: int
     skipped_no_answer: int  # answer None/empty, or no balanced \boxed{} with extract_boxed_answer
     skipped_bad_prompt: int  # prompt not a string, or empty
-
-
-def last_boxed_content(text: str) -> str | None:
-    """Content of the last balanced ``\\boxed{...}`` in ``text`` (nested braces allowed), or None."""
-    start = len(text)
-    while (start := text.rfind("\\boxed{", 0, start)) != -1:
-        depth, begin = 0, start + len("\\boxed{")
-        for i in range(begin, len(text)):
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                if depth == 0:
-                    return text[begin:i]
-                depth -= 1
-    return None
 
 
 def _local_files(source: str, split: str) -> tuple[str, list[str]] | None:
@@ -115,11 +101,14 @@ def _check_fields(columns: Sequence[str], source: str, fields: dict[str, str | N
 
 
 def _clean_answer(value: Any, extract_boxed: bool) -> str | None:
-    if value is None:
+    """The gold answer as text; None (a counted skip) for missing, NaN, empty or structured values."""
+    if value is None or isinstance(value, (dict, list, tuple)):
+        return None
+    if isinstance(value, float) and math.isnan(value):
         return None
     answer = str(value).strip()
     if extract_boxed:
-        answer = (last_boxed_content(answer) or "").strip()
+        answer = (last_boxed(answer) or "").strip()
     return answer or None
 
 
