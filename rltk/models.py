@@ -7,6 +7,8 @@ code path (training, evaluation, vLLM, export) treats it like a real model.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -21,6 +23,7 @@ from rltk.config import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
 log = logging.getLogger(__name__)
 
 PAD, EOS, UNK = "<pad>", "<eos>", "<unk>"
+TINY_TOKENIZER_VERSION = 2  # 2: Qwen2 byte-level BPE without merges (1 dropped spaces when reloaded)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
@@ -75,8 +78,12 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
 
     cfg = cfg or TinyModelConfig()
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").is_file() and (out_dir / "tokenizer.json").is_file():
+    fingerprint = {"tiny": dataclasses.asdict(cfg), "tokenizer": TINY_TOKENIZER_VERSION}
+    marker = out_dir / "rltk_tiny.json"
+    if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
         return out_dir
+    if out_dir.exists():
+        log.warning("tiny model at %s was built with other settings; building it again", out_dir)
     tokenizer = build_char_tokenizer(CHARSET)
     config = Qwen2Config(
         vocab_size=len(tokenizer),
@@ -101,6 +108,9 @@ def build_tiny_model(out_dir: str | Path, cfg: TinyModelConfig | None = None) ->
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        (tmp / "rltk_tiny.json").write_text(json.dumps(fingerprint))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,3 +55,31 @@ def test_sft_then_train_then_compare(tmp_path, tiny_model_dir):
         assert saved["trainer"]["seed"] == 0
     nsr = json.loads((compare_dir / "nsr" / "recipe.json").read_text())
     assert nsr["algorithm"]["advantage"] == [{"name": "nsr"}]
+
+
+def test_cached_warm_start_is_reused_only_for_the_same_settings(tmp_path, tiny_model_dir, caplog):
+    from rltk.config import build_recipe
+    from rltk.trainer.sft import run_sft
+
+    data = small_recipe_data(tiny_model_dir, tmp_path, sft={"enabled": True, "steps": 2, "batch_size": 4,
+                                                           "num_examples": 8})
+    path = run_sft(build_recipe(data))
+    stamp = (path / "model.safetensors").stat().st_mtime_ns
+    assert run_sft(build_recipe(data)) == path
+    assert (path / "model.safetensors").stat().st_mtime_ns == stamp  # same settings: reused
+    data["sft"]["lr"] = 5e-4
+    run_sft(build_recipe(data))
+    assert (path / "model.safetensors").stat().st_mtime_ns != stamp  # other settings: trained again
+    assert "was made with other settings" in caplog.text
+
+
+def test_tiny_model_is_rebuilt_when_its_settings_change(tmp_path):
+    import json as _json
+
+    from rltk.config import TinyModelConfig
+    from rltk.models import build_tiny_model
+
+    path = build_tiny_model(tmp_path / "tiny", TinyModelConfig(hidden_size=32, num_heads=2))
+    assert _json.loads((path / "config.json").read_text())["hidden_size"] == 32
+    build_tiny_model(tmp_path / "tiny", TinyModelConfig(hidden_size=64, num_heads=2))
+    assert _json.loads((path / "config.json").read_text())["hidden_size"] == 64

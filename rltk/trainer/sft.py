@@ -7,6 +7,8 @@ reused when it already exists (so ``rltk compare`` warm-starts every variant fro
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from rltk.config import Recipe
 from rltk.data.recipe import build_prompts, load_split
-from rltk.io import check_writable
+from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 
 log = logging.getLogger(__name__)
@@ -25,15 +27,28 @@ def sft_output_dir(recipe: Recipe) -> Path:
     return Path(recipe.trainer.output_dir) / recipe.sft.output_subdir
 
 
+def _fingerprint(recipe: Recipe) -> dict:
+    """Everything the warm start depends on; a cached warm start is reused only when it matches."""
+    import rltk
+
+    return {"model": dataclasses.asdict(recipe.model), "data": dataclasses.asdict(recipe.data),
+            "sft": dataclasses.asdict(recipe.sft), "seed": recipe.trainer.seed,
+            "max_new_tokens": recipe.rollout.max_new_tokens, "rltk": rltk.__version__}
+
+
 def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
     """Warm-start the recipe's model; returns the directory of the fine-tuned model."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
     out = sft_output_dir(recipe)
+    fingerprint = _fingerprint(recipe)
+    marker = out / "rltk_sft.json"
     if (out / "config.json").is_file() and not force:
-        log.info("SFT warm start: reusing %s", out)
-        return out
+        if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+            log.info("SFT warm start: reusing %s", out)
+            return out
+        log.warning("SFT warm start: %s was made with other settings; training it again", out)
     check_writable(out.parent)
     base = resolve_model_path(recipe.model, recipe.trainer.output_dir)
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
@@ -69,6 +84,7 @@ def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
         trainer.train()
         trainer.model.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
+        atomic_write_json(work / "model" / "rltk_sft.json", fingerprint)
         if out.exists():
             shutil.rmtree(out)
         os.replace(work / "model", out)
