@@ -1,7 +1,7 @@
 """The recipe's ``data`` section turned into examples and prompts."""
 from __future__ import annotations
 
-from rltk.config import DataConfig
+from rltk.config import ConfigError, DataConfig
 from rltk.data.loaders import DataError, Example, load_examples
 from rltk.data.templates import format_prompt
 
@@ -30,6 +30,9 @@ def load_test_split(cfg: DataConfig, num_examples: int | None, seed: int = 0) ->
 
 def build_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[str]:
     """Prompt text of every example with the recipe's template and chat settings."""
+    if cfg.chat_template and getattr(tokenizer, "chat_template", None) is None:
+        raise ConfigError("data.chat_template: the tokenizer has no chat template; set data.chat_template=false "
+                          "or use a chat model")
     return [
         format_prompt(e.question, cfg.template, tokenizer=tokenizer, chat_template=cfg.chat_template,
                       system_prompt=cfg.system_prompt)

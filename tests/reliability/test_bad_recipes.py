@@ -32,9 +32,8 @@ _BARS = "transformers' 'Loading weights' progress bars add lines to stderr"
 
 # recipe stem -> what happens today (rltk should fail in rltk.config.validate, before anything loads)
 KNOWN_FAILURES = {
-    "chat_template_not_set": "traceback: ValueError ('Cannot use chat template functions because "
-                             "tokenizer.chat_template is not set') from build_prompts, for data.chat_template: true "
-                             f"with a tokenizer that has none (the tiny model's); {_LATE}",
+    "chat_template_not_set": "exit 2 with one line ('data.chat_template: the tokenizer has no chat template'), but "
+                             f"the tokenizer is only known after the tiny model is built; {_LATE}",
 }
 
 # The subprocess sample: clean cases of different kinds (schema, cross-field, stage, YAML, output dir).
