@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rltk.algos.registry import StageError
     from rltk.data.loaders import DataError
-    from rltk.trainer.rl import TrainingError
+    from rltk.trainer.guard import TrainingError
 
     try:
         return _COMMANDS[args.command](args)

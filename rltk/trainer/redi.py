@@ -47,7 +47,7 @@ from rltk.data.pairs import read_rows
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.trainer.logprobs import TokenBatch, forward_logps
-from rltk.trainer.rl import TrainingError
+from rltk.trainer.guard import NonFiniteGuard
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +230,8 @@ class RediTrainer:
         total = self.cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, self.cfg.max_steps) if self.cfg.max_steps else total
         self._setup_model()
-        self.bad_steps = 0
+        self.guard = NonFiniteGuard(self.recipe.trainer.max_bad_steps,
+                                    "Lower redi.lr or raise trainer.max_bad_steps")
         self.step = 0
 
     def _setup_model(self) -> None:
@@ -301,19 +302,7 @@ class RediTrainer:
         max_norm = self.recipe.trainer.max_grad_norm or float("inf")
         metrics["grad_norm"] = float(self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm))
         metrics["lr"] = self.scheduler.get_last_lr()[0]
-        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-            self.optimizer.step()
-            self.scheduler.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
-            metrics["skipped_nonfinite"] = 1.0
-            log.warning("redi step %d: non-finite loss or gradient (%s, %s); update skipped",
-                        self.step + 1, metrics["loss"], metrics["grad_norm"])
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.bad_steps >= self.recipe.trainer.max_bad_steps:
-            raise TrainingError(f"{self.bad_steps} consecutive REDI steps with a non-finite loss or gradient; stopped "
-                                f"at step {self.step}. Lower redi.lr or raise trainer.max_bad_steps")
+        self.guard.step(self.optimizer, self.scheduler, metrics, self.step + 1)
         return metrics
 
     # ------------------------------------------------------------------ the loop

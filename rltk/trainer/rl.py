@@ -35,15 +35,12 @@ from rltk.rollout.base import SamplingParams
 from rltk.rollout.factory import make_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (TrainingError re-exported)
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
 from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
 
 log = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (e.g. too many consecutive non-finite steps); one-line message."""
 
 
 class RLTrainer:
@@ -61,7 +58,8 @@ class RLTrainer:
             check_writable(self.out)
         set_seed(t.seed, device_specific=True)
         self.step = 0
-        self.bad_steps = 0
+        self.guard = NonFiniteGuard(t.max_bad_steps, "Lower trainer.lr or raise trainer.max_bad_steps; "
+                                                     "the last good checkpoint is intact")
         self.counters: dict[str, int] = defaultdict(int)
         self.pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
                                           recipe.algorithm.aggregation, recipe.algorithm.terms)
@@ -398,21 +396,8 @@ class RLTrainer:
 
     def _apply_update(self, metrics: dict[str, float]) -> None:
         """Optimizer step, or skip and count it when the loss or gradient is not finite."""
-        if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
-            self.optimizer.step()
-            self.scheduler.step()
-            self.bad_steps = 0
-        else:
-            self.bad_steps += 1
+        if not self.guard.step(self.optimizer, self.scheduler, metrics, self.step + 1):
             self.counters["skipped_nonfinite_steps"] += 1
-            metrics["skipped_nonfinite"] = 1.0
-            log.warning("step %d: non-finite loss or gradient (%s, %s); update skipped",
-                        self.step + 1, metrics["loss"], metrics["grad_norm"])
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.bad_steps >= self.recipe.trainer.max_bad_steps:
-            raise TrainingError(
-                f"{self.bad_steps} consecutive steps with a non-finite loss or gradient; stopped at step {self.step}. "
-                "Lower trainer.lr or raise trainer.max_bad_steps; the last good checkpoint is intact")
 
     def train_batch(self) -> dict[str, float]:
         """Collect one rollout batch and run its ``ppo_epochs × mini_batches`` optimizer steps."""

@@ -24,7 +24,7 @@ def test_nonfinite_gradient_is_skipped(tmp_path, tiny_model_dir, poison, caplog)
         assert "non-finite loss or gradient" in caplog.text
         handle.remove()
         metrics = trainer.train_batch()  # a good step resets the count
-        assert "skipped_nonfinite" not in metrics and trainer.bad_steps == 0
+        assert "skipped_nonfinite" not in metrics and trainer.guard.bad_steps == 0
         assert not torch.equal(param.detach(), before)
         handle = param.register_hook(lambda grad: grad * poison)
         trainer.train_batch()
