@@ -42,7 +42,8 @@ def test_doc_examples_compute_expected_values(tmp_path):
     per_token, token_metrics = pipeline.per_token_loss(logps, rollouts, advantages)
     per_token.sum().backward()
     assert torch.allclose(logps.grad[:, 0], -expected.clamp(-0.5, 0.5), atol=1e-6)
-    assert token_metrics["my_stages:clipped_reinforce/clipped"][:, 0].tolist() == [1.0, 1.0, 1.0, 1.0]
+    # |A| = [1.167, 0.5 - 1e-6, 0.833, 0.833]: completion 1 sits just inside the clip
+    assert token_metrics["my_stages:clipped_reinforce/clipped"][:, 0].tolist() == [1.0, 0.0, 1.0, 1.0]
 
 
 def test_doc_examples_train(tmp_path, tiny_model_dir):
