@@ -109,18 +109,20 @@ def run_rltk(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
     from rltk.trainer.rl import RLTrainer
 
     trainer = RLTrainer(build_recipe(rltk_recipe_data(args, model_dir, work / "rltk")))
-    times, lengths, parts = [], [], []
+    times, cpu, lengths, parts = [], [], [], []
     try:
         for _ in range(args.warmup + args.steps):
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             metrics = trainer.train_batch()
             times.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - cpu_start)
             lengths.append(metrics["completion/length_mean"])
             parts.append({k.split("/", 1)[1]: v for k, v in metrics.items() if k in BREAKDOWN})
             print(f"  rltk step {len(times):3d}: {times[-1]:.3f} s  (completion length {lengths[-1]:.1f})", flush=True)
     finally:
         trainer.close()
-    return {"times": times[args.warmup:], "lengths": lengths[args.warmup:], "parts": parts[args.warmup:]}
+    return {"times": times[args.warmup:], "cpu": cpu[args.warmup:], "lengths": lengths[args.warmup:],
+            "parts": parts[args.warmup:]}
 
 
 # ---------------------------------------------------------------------------------------------- TRL
@@ -146,13 +148,14 @@ def run_trl(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.times, self.lengths, self._start = [], [], 0.0
+            self.times, self.cpu, self.lengths, self._start = [], [], [], (0.0, 0.0)
 
         def on_step_begin(self, *_, **__):
-            self._start = time.perf_counter()
+            self._start = (time.perf_counter(), time.process_time())
 
         def on_step_end(self, *_, **__):
-            self.times.append(time.perf_counter() - self._start)
+            self.times.append(time.perf_counter() - self._start[0])
+            self.cpu.append(time.process_time() - self._start[1])
 
         def on_log(self, _args, _state, _control, logs=None, **__):
             if logs and "completions/mean_length" in logs:
@@ -181,15 +184,19 @@ def run_trl(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
                               train_dataset=trl_dataset(args, model_dir, work), callbacks=[timer])
         trainer.remove_callback(PrinterCallback)  # logging_steps=1 only feeds the timer's completion lengths
         trainer.train()
-    return {"times": timer.times[args.warmup:], "lengths": timer.lengths[args.warmup:], "parts": []}
+    return {"times": timer.times[args.warmup:], "cpu": timer.cpu[args.warmup:], "lengths": timer.lengths[args.warmup:],
+            "parts": []}
 
 
 # ---------------------------------------------------------------------------------------------- main
 def summarise(runs: list[dict]) -> dict:
     """Pool the timed steps of every run of one side."""
     times = [t for run in runs for t in run["times"]]
+    cpu = [t for run in runs for t in run["cpu"]]
     out = {"median_s": statistics.median(times), "mean_s": statistics.mean(times), "min_s": min(times),
            "steps": len(times), "runs": len(runs),
+           # process CPU seconds per wall second; it drops well below --threads when another job shares the cores
+           "cpu_per_wall": sum(cpu) / sum(times),
            "completion_length": statistics.mean(x for run in runs for x in run["lengths"])}
     parts = [p for run in runs for p in run["parts"]]
     if parts:
@@ -229,10 +236,11 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print(f"{args.prompts} prompts × {args.group_size} completions, max_new_tokens {args.max_new_tokens}, "
           f"{args.threads} thread(s), {args.steps} timed steps after {args.warmup} warm-up per run, order {args.order}")
-    print(f"{'':6s}{'median s':>10s}{'mean s':>10s}{'min s':>10s}{'compl. len':>12s}")
+    print(f"{'':6s}{'median s':>10s}{'mean s':>10s}{'min s':>10s}{'compl. len':>12s}{'cpu/wall':>10s}")
     for side in ("rltk", "trl"):
         r = report[side]
-        print(f"{side:6s}{r['median_s']:10.3f}{r['mean_s']:10.3f}{r['min_s']:10.3f}{r['completion_length']:12.1f}")
+        print(f"{side:6s}{r['median_s']:10.3f}{r['mean_s']:10.3f}{r['min_s']:10.3f}{r['completion_length']:12.1f}"
+              f"{r['cpu_per_wall']:10.2f}")
     print("rltk breakdown (median s): "
           + ", ".join(f"{k} {v:.3f}" for k, v in report["rltk"]["breakdown_median_s"].items()))
     print(f"ratio of medians rltk / TRL: {report['ratio_median_rltk_over_trl']:.3f}")

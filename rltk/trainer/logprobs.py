@@ -62,10 +62,11 @@ def forward_logps(
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
     attention = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).to(device)
     position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                output_hidden_states=bool(hidden_layers), use_cache=False)
     prompt_len, completion_len = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
-    logits = out.logits[:, prompt_len - 1 : prompt_len - 1 + completion_len] / temperature
+    # the LM head runs only on the positions that predict completion tokens (and the last one)
+    out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                output_hidden_states=bool(hidden_layers), use_cache=False, logits_to_keep=completion_len + 1)
+    logits = out.logits[:, :-1] / temperature
     target = batch.completion_ids.to(device)
     logps = selective_log_softmax(logits, target)
     entropy = token_entropy(logits) if with_entropy else None
