@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from rltk.algos import StageError
 from rltk.algos.distill import (
     chunked_kl,
+    linear_kl,
     paced_loss,
     paced_schedule,
     paced_weights,
@@ -270,3 +271,69 @@ def test_chunked_kl_errors():
         chunked_kl(a, a, direction="js")
     with pytest.raises(StageError, match="chunk_size must be >= 1"):
         chunked_kl(a, a, chunk_size=0)
+
+
+# ---------------------------------------------------------------- KL from hidden states (§7)
+
+
+def _heads(seed, rows=6, hidden_s=5, hidden_t=7, vocab=41, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    make = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype)  # noqa: E731
+    return make(rows, hidden_s), make(vocab, hidden_s), make(rows, hidden_t), make(vocab, hidden_t)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+@pytest.mark.parametrize("chunk_size", [1, 6, 41, 4096])
+def test_linear_kl_equals_unchunked_kl_and_gradient(direction, chunk_size):
+    """The chunked KL from hidden states equals the unchunked full-logits KL (value and gradient
+    w.r.t. the student's hidden states and LM head), float32, to 1e-5."""
+    h_s, w_s, h_t, w_t = (x.float() for x in _heads(0))
+    h_s.requires_grad_(True), w_s.requires_grad_(True)
+    upstream = torch.rand(6, generator=torch.Generator().manual_seed(1))
+    kl = linear_kl(h_s, w_s, h_t, w_t, direction=direction, chunk_size=chunk_size)
+    (kl * upstream).sum().backward()
+    grads = h_s.grad.clone(), w_s.grad.clone()
+    h_s.grad = w_s.grad = None
+    dense = dense_kl(h_s @ w_s.T, h_t @ w_t.T, direction).float()
+    (dense * upstream).sum().backward()
+    assert torch.allclose(kl, dense, atol=1e-5, rtol=0)
+    assert torch.allclose(grads[0], h_s.grad, atol=1e-5, rtol=0)
+    assert torch.allclose(grads[1], w_s.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("direction", ["forward", "reverse"])
+def test_linear_kl_gradcheck_and_teacher_constant(direction):
+    h_s, w_s, h_t, w_t = _heads(2, rows=3, vocab=9)
+    h_s.requires_grad_(True), w_s.requires_grad_(True), h_t.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda a, b: linear_kl(a, b, h_t, w_t, direction=direction, chunk_size=4), (h_s, w_s))
+    linear_kl(h_s, w_s, h_t, w_t, direction=direction, chunk_size=4).sum().backward()
+    assert h_t.grad is None
+
+
+def test_linear_kl_matches_chunked_kl_on_logits_with_mask():
+    h_s, w_s, h_t, w_t = _heads(3, rows=6)
+    mask = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 1.0], dtype=torch.float64)
+    kl = linear_kl(h_s.view(2, 3, -1), w_s, h_t.view(2, 3, -1), w_t, mask.view(2, 3), "reverse", 8)
+    want = chunked_kl(h_s @ w_s.T, h_t @ w_t.T, mask, "reverse", 8).view(2, 3)
+    assert kl.shape == (2, 3) and torch.allclose(kl, want, atol=1e-12)
+    assert kl[0, 2] == 0
+
+
+def test_linear_kl_frozen_head_and_identical_models():
+    h_s, w_s, _, _ = _heads(4)
+    h_s.requires_grad_(True)  # e.g. LoRA: the LM head is frozen
+    kl = linear_kl(h_s, w_s, h_s, w_s, chunk_size=10)
+    assert torch.allclose(kl, torch.zeros(6, dtype=torch.float64), atol=1e-12)
+    kl.sum().backward()
+    assert h_s.grad is not None and w_s.grad is None
+
+
+def test_linear_kl_errors():
+    h_s, w_s, h_t, w_t = _heads(5)
+    with pytest.raises(StageError, match="student vocabulary 41 != teacher vocabulary 40"):
+        linear_kl(h_s, w_s, h_t, w_t[:40])
+    with pytest.raises(StageError, match="positions"):
+        linear_kl(h_s, w_s, h_t[:5], w_t)
+    with pytest.raises(StageError, match="direction must be forward or reverse"):
+        linear_kl(h_s, w_s, h_t, w_t, direction="js")

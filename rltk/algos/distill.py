@@ -9,7 +9,8 @@
   full-vocabulary KL between teacher and student next-token distributions, averaged over a
   sequence's tokens; the batch loss is Σ_i w_i·L_i / Σ_i w_i.
 
-These are not registered RL stages: the distillation trainers call them directly.
+These are not registered RL stages: the distillation trainers call them directly. The chunked
+full-vocabulary KL lives in :mod:`rltk.algos.chunked_kl` (re-exported here).
 """
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from rltk.algos.chunked_kl import KL_DIRECTIONS, chunked_kl, linear_kl  # noqa: F401  (re-exported)
 from rltk.algos.registry import StageError
 
-KL_DIRECTIONS = ("forward", "reverse")
 SCHEDULES = ("forward", "reverse", "forward_then_reverse")
 
 
@@ -150,113 +151,3 @@ def paced_schedule(step: int, schedule: str = "forward_then_reverse", switch_ste
     if switch_step is None or switch_step < 0:
         raise StageError("paced: schedule forward_then_reverse needs a switch_step >= 0")
     return "forward" if step < switch_step else "reverse"
-
-
-# --------------------------------------------------------------------------------------------
-# Chunked full-vocabulary KL
-
-
-def _chunks(vocab: int, chunk_size: int):
-    for start in range(0, vocab, chunk_size):
-        yield slice(start, min(start + chunk_size, vocab))
-
-
-def _streaming_stats(student: Tensor, teacher: Tensor, direction: str, chunk_size: int):
-    """One pass over vocabulary chunks (rows ``[R, V]``): lse_s, lse_t and E_p[s − t] (float32+).
-
-    p is the teacher distribution for ``forward`` and the student's for ``reverse``. Running sums
-    are rescaled whenever a running max grows (online softmax), so no ``[R, V]`` temporary exists.
-    """
-    rows = student.shape[0]
-    dtype = torch.promote_types(student.dtype, torch.float32)
-    neg_inf = torch.full((rows,), float("-inf"), dtype=dtype, device=student.device)
-    max_s, max_t = neg_inf.clone(), neg_inf.clone()
-    sum_s = torch.zeros(rows, dtype=dtype, device=student.device)
-    sum_t, weighted = torch.zeros_like(sum_s), torch.zeros_like(sum_s)
-    for part in _chunks(student.shape[-1], chunk_size):
-        s = student[:, part].to(dtype)
-        t = teacher[:, part].to(dtype)
-        new_max_s = torch.maximum(max_s, s.max(-1).values)
-        new_max_t = torch.maximum(max_t, t.max(-1).values)
-        exp_s = torch.exp(s - new_max_s.unsqueeze(-1))
-        exp_t = torch.exp(t - new_max_t.unsqueeze(-1))
-        scale_s = torch.exp(max_s - new_max_s)  # exp(-inf) = 0 on the first chunk
-        scale_t = torch.exp(max_t - new_max_t)
-        p_exp, p_scale = (exp_t, scale_t) if direction == "forward" else (exp_s, scale_s)
-        weighted = weighted * p_scale + (p_exp * (s - t)).sum(-1)
-        sum_s = sum_s * scale_s + exp_s.sum(-1)
-        sum_t = sum_t * scale_t + exp_t.sum(-1)
-        max_s, max_t = new_max_s, new_max_t
-    lse_s = max_s + torch.log(sum_s)
-    lse_t = max_t + torch.log(sum_t)
-    mean_diff = weighted / (sum_t if direction == "forward" else sum_s)
-    return lse_s, lse_t, mean_diff
-
-
-class _ChunkedKL(torch.autograd.Function):
-    """Token KL over rows ``[R, V]`` with a chunked backward; the teacher is a constant."""
-
-    @staticmethod
-    def forward(ctx, student: Tensor, teacher: Tensor, direction: str, chunk_size: int) -> Tensor:
-        lse_s, lse_t, mean_diff = _streaming_stats(student, teacher, direction, chunk_size)
-        if direction == "forward":  # Σ p_t (log p_t − log p_s) = −E_t[s − t] + lse_s − lse_t
-            kl = -mean_diff + lse_s - lse_t
-        else:  # Σ p_s (log p_s − log p_t) = E_s[s − t] − lse_s + lse_t
-            kl = mean_diff - lse_s + lse_t
-        ctx.save_for_backward(student, teacher, lse_s, lse_t, kl)
-        ctx.direction, ctx.chunk_size = direction, chunk_size
-        return kl
-
-    @staticmethod
-    def backward(ctx, grad_kl: Tensor):
-        student, teacher, lse_s, lse_t, kl = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None
-        grad = torch.empty_like(student)
-        g = grad_kl.to(kl.dtype).unsqueeze(-1)
-        for part in _chunks(student.shape[-1], ctx.chunk_size):
-            log_ps = student[:, part].to(kl.dtype) - lse_s.unsqueeze(-1)
-            p_s = torch.exp(log_ps)
-            if ctx.direction == "forward":  # ∂/∂s_j = p_s,j − p_t,j
-                p_t = torch.exp(teacher[:, part].to(kl.dtype) - lse_t.unsqueeze(-1))
-                local = p_s - p_t
-            else:  # ∂/∂s_j = p_s,j·(log p_s,j − log p_t,j − KL)
-                log_pt = teacher[:, part].to(kl.dtype) - lse_t.unsqueeze(-1)
-                local = p_s * (log_ps - log_pt - kl.unsqueeze(-1))
-            grad[:, part] = (g * local).to(grad.dtype)
-        return grad, None, None, None
-
-
-def chunked_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    direction: str = "forward",
-    chunk_size: int = 4096,
-) -> Tensor:
-    """Token-level full-vocabulary KL between next-token distributions, ``[...]`` (PACED, §7).
-
-    ``student_logits`` and ``teacher_logits`` are ``[..., V]`` (e.g. ``[N, T, V]``); ``direction``
-    ``forward`` = KL(teacher ‖ student), ``reverse`` = KL(student ‖ teacher). The vocabulary is
-    processed in chunks of ``chunk_size`` with a streaming logsumexp, in forward and backward
-    (a custom autograd function), so the extra memory beyond the inputs and the gradient is
-    O(N·T·chunk_size). Computation is in float32 (or the inputs' dtype if wider). The gradient
-    flows to the student only; teacher logits are treated as constants. Positions where ``mask`` is
-    0 give 0.
-    """
-    if direction not in KL_DIRECTIONS:
-        raise StageError(f"chunked_kl: direction must be forward or reverse, got '{direction}'")
-    if student_logits.shape != teacher_logits.shape:
-        raise StageError(
-            f"chunked_kl: student logits {tuple(student_logits.shape)} and teacher logits "
-            f"{tuple(teacher_logits.shape)} differ in shape"
-        )
-    if chunk_size < 1:
-        raise StageError(f"chunked_kl: chunk_size must be >= 1, got {chunk_size}")
-    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    kl = _ChunkedKL.apply(
-        student_logits.reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab), direction, chunk_size
-    ).reshape(lead)
-    if mask is not None:
-        kl = kl * mask.to(kl.dtype)
-    return kl
