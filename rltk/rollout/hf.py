@@ -5,7 +5,8 @@ backward, DESIGN.md §9) on the unwrapped policy, so it always sees the current 
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 
@@ -21,13 +22,33 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length
+        # set under ZeRO-3 (rltk.trainer.distributed.attach_generation): a context manager that
+        # yields the model with its parameters gathered; generate then runs without collectives
+        self.model_context: Callable[[], ContextManager[torch.nn.Module]] | None = None
+        self._held: torch.nn.Module | None = None
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Enter ``model_context`` once for several ``generate`` calls (a no-op without one)."""
+        if self.model_context is None or self._held is not None:
+            yield
+            return
+        with self.model_context() as model:
+            self._held = model
+            try:
+                yield
+            finally:
+                self._held = None
 
     def sync_weights(self) -> None:
         """Nothing to do: generation uses the training model's own weights."""
 
     @torch.no_grad()
     def generate(self, prompts: list[str], params: SamplingParams) -> Generation:
-        model = self.get_model()
+        with self.hold():
+            return self._generate(self._held if self._held is not None else self.get_model(), prompts, params)
+
+    def _generate(self, model, prompts: list[str], params: SamplingParams) -> Generation:
         device = next(model.parameters()).device
         encoded = [self.tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
         rows = [ids for ids in encoded for _ in range(params.n)]
@@ -57,6 +78,8 @@ class HFEngine:
             eos_token_id=self.tokenizer.eos_token_id,
             return_dict_in_generate=True,
             output_scores=params.return_logps,
+            # with gathered ZeRO-3 weights each rank generates on its own, not in lock-step
+            synced_gpus=False if self.model_context is not None else None,
         )
         completion_ids = out.sequences[:, prompt_ids.shape[1] :]
         logps = None

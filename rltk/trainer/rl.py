@@ -34,7 +34,9 @@ from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.rollout.base import SamplingParams
 from rltk.rollout.factory import make_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
-from rltk.trainer.checkpoint import latest_checkpoint, save_checkpoint
+from rltk.trainer.checkpoint import latest_checkpoint, push_to_hub, save_checkpoint
+from rltk.trainer.distributed import (accelerator_handlers, attach_generation, configure_deepspeed,
+                                      generation_session, micro_batch_sync, prepare_frozen)
 from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (TrainingError re-exported)
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
@@ -52,7 +54,8 @@ class RLTrainer:
         t = recipe.trainer
         self.out = Path(t.output_dir)
         self.accelerator = accelerator or Accelerator(
-            log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False
+            log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
+            kwargs_handlers=accelerator_handlers(),
         )
         if self.accelerator.is_main_process:
             check_writable(self.out)
@@ -75,6 +78,7 @@ class RLTrainer:
                               "process and mini-batch, so (q+, q-) pairs stay together")
         self.engine = make_engine(recipe.rollout, lambda: self.accelerator.unwrap_model(self.model),
                                   self.tokenizer, recipe.data.max_prompt_length)
+        attach_generation(self.engine, self.accelerator, lambda: self.model)
         if hasattr(self.sampler, "attach"):
             from rltk.algos.pairing import ProbeContext
 
@@ -116,11 +120,11 @@ class RLTrainer:
 
         scheduler = get_scheduler(t.lr_scheduler, optimizer, num_warmup_steps=int(t.warmup_ratio * t.steps),
                                   num_training_steps=t.steps)
+        configure_deepspeed(self.accelerator, t.micro_batch_size, t.max_grad_norm)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
         self.ref_model = None
         if "ref_logps" in self.needs and cfg.lora is None:
-            ref = load_model(cfg.ref_model or path, cfg, trainable=False)
-            self.ref_model = ref.to(self.accelerator.device)
+            self.ref_model = prepare_frozen(load_model(cfg.ref_model or path, cfg, trainable=False), self.accelerator)
 
     @contextlib.contextmanager
     def reference(self):
@@ -152,7 +156,7 @@ class RLTrainer:
         state = {"sampler": self.sampler.state_dict(), "counters": dict(self.counters),
                  "policy_path": self.policy_path}
         return save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out, self.step, state,
-                               self.recipe.trainer.keep_checkpoints)
+                               self.recipe.trainer.keep_checkpoints, self.recipe.model.trust_remote_code)
 
     def _resume(self) -> None:
         import json
@@ -191,7 +195,7 @@ class RLTrainer:
         shard = indices[acc.process_index :: acc.num_processes]
         counts: list[tuple[int, int]] = []
         chunk = max(1, r.batch_size // r.group_size)
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), generation_session(self.engine):
             torch.manual_seed(self.recipe.trainer.seed + 7919 * (self.step + 1))
             for start in range(0, len(shard), chunk):
                 part = shard[start : start + chunk]
@@ -357,8 +361,7 @@ class RLTrainer:
         t_forward = t_backward = 0.0
         chunks = self.micro_batches(rows)
         for i, mb in enumerate(chunks):
-            sync = contextlib.nullcontext() if i == len(chunks) - 1 else acc.no_sync(self.model)
-            with sync:
+            with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
                 start = time.perf_counter()
                 out = forward_logps(self.model, batch.tokens.rows(mb), temperature, with_entropy=needs_entropy)
                 rollouts_mb = batch.rollouts.select(mb)
@@ -435,9 +438,10 @@ class RLTrainer:
                                 max_new_tokens=e.max_new_tokens or r.max_new_tokens, batch_size=e.batch_size,
                                 maj=e.maj, seed=self.recipe.trainer.seed)
         protocol = {"model": self.policy_path, "step": self.step, "template": self.recipe.data.template}
-        return evaluate(self.engine, self.test_examples, self.test_prompts, self.verifier, settings,
-                        accelerator=self.accelerator, out_dir=self.out / "eval" / tag, protocol=protocol,
-                        progress=self.recipe.logging.progress)
+        with generation_session(self.engine):
+            return evaluate(self.engine, self.test_examples, self.test_prompts, self.verifier, settings,
+                            accelerator=self.accelerator, out_dir=self.out / "eval" / tag, protocol=protocol,
+                            progress=self.recipe.logging.progress)
 
     def train(self, evaluate_before: bool = True) -> dict[str, Any]:
         """Run to ``trainer.steps``; returns before/after evaluation reports and the final checkpoint."""
@@ -465,6 +469,8 @@ class RLTrainer:
         finally:
             bar.close()
         final = self.save()
+        if t.push_to_hub and acc.is_main_process:
+            push_to_hub(final, t.push_to_hub)
         result["after"] = self.evaluate(f"step-{self.step:06d}")
         metrics_log.log(self.step, _eval_metrics(result["after"]["summary"]))
         metrics_log.close()

@@ -1,9 +1,14 @@
-"""One optimizer step's loss and gradient on 1 or N processes (launched by tests/test_distributed.py).
+"""One optimizer step's loss and gradient on 1 or N processes (launched by tests/test_distributed.py
+and tests/test_deepspeed.py).
 
 Every rank samples the same full batch under a fixed seed, keeps its own share of whole prompt
 groups (as the trainer does), and accumulates gradients; rank 0 writes the global loss and the
 gradient vector. Equal results for 1 and 2 processes show the global normaliser and DDP's
 averaging give the single-process step exactly.
+
+Mode ``step`` (used under DeepSpeed, where gradients live in ZeRO's partitioned buffers) runs the
+whole optimizer step (``RLTrainer.optimize``: accumulation, clipping, update) and writes the loss,
+the pre-clip gradient norm and the trainable weights after the update, gathered from all ranks.
 """
 import json
 import sys
@@ -11,10 +16,11 @@ import sys
 import torch
 
 from rltk.config import build_recipe
+from rltk.trainer.distributed import zero_stage
 from rltk.trainer.rl import RLTrainer
 
 
-def main(recipe_path: str, out_path: str) -> None:
+def main(recipe_path: str, out_path: str, mode: str = "grad") -> None:
     torch.set_num_threads(1)
     recipe = build_recipe(json.loads(open(recipe_path).read()))
     trainer = RLTrainer(recipe)
@@ -27,15 +33,29 @@ def main(recipe_path: str, out_path: str) -> None:
         per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
         rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
         mine = full.select(rows)
-        metrics = trainer.accumulate_gradients(mine, torch.arange(per_rank))
-        grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+        result = {"world": acc.num_processes, "zero_stage": zero_stage(acc),
+                  "micro_batches": len(trainer.micro_batches(torch.arange(per_rank)))}
+        if mode == "grad":
+            metrics = trainer.accumulate_gradients(mine, torch.arange(per_rank))
+            result["grad"] = torch.cat([p.grad.flatten() for p in trainer.model.parameters()
+                                        if p.grad is not None]).tolist()
+        else:
+            trainable = {n.removeprefix("module.") for n, p in trainer.model.named_parameters() if p.requires_grad}
+            metrics = trainer.optimize(mine, torch.arange(per_rank))
+            state = acc.get_state_dict(trainer.model)  # gathered under ZeRO-3 (collective)
+            if acc.is_main_process:
+                names = sorted(n for n in state if n in trainable)
+                result["weights"] = torch.cat([state[n].detach().float().flatten() for n in names]).tolist()
+                result["weight_names"] = names
+                result["grad_norm"] = metrics["grad_norm"]
+        result["loss"] = metrics["loss"]
         if acc.is_main_process:
             with open(out_path, "w") as handle:
-                json.dump({"loss": metrics["loss"], "grad": grads.tolist(), "world": acc.num_processes}, handle)
+                json.dump(result, handle)
         acc.wait_for_everyone()
     finally:
         trainer.close()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:])
