@@ -38,7 +38,7 @@ KNOWN_MODELS: dict[str, tuple[float, int]] = {
     "Qwen/Qwen3-4B": (4.02e9, 40960),
 }
 
-_LAUNCH_COMMENT = re.compile(r"^#\s*launch:\s*(\S+)")
+_LAUNCH_COMMENT = re.compile(r"^#\s*launch:\s*(\S+)(?:\s+--num-processes\s+(\d+))?")
 
 
 @dataclass(frozen=True)
@@ -94,14 +94,15 @@ def read_launch_config(path: str | Path, num_processes: int | None = None) -> La
                         off_param)
 
 
-def intended_launch(recipe_path: str | Path) -> str | None:
-    """The ``# launch: <accelerate config>`` comment among the recipe's leading comment lines."""
+def intended_launch(recipe_path: str | Path) -> tuple[str, int | None] | None:
+    """The ``# launch: <accelerate config> [--num-processes N]`` comment among the recipe's leading
+    comment lines: (config path, processes or None)."""
     for line in Path(recipe_path).read_text().splitlines():
         if not line.startswith("#"):
             break
         match = _LAUNCH_COMMENT.match(line)
         if match:
-            return match.group(1)
+            return match.group(1), int(match.group(2)) if match.group(2) else None
     return None
 
 
@@ -281,7 +282,9 @@ def check_recipe_file(path: str | Path, overrides: list[str] = (), *, launch: st
                       num_processes: int | None = None, gpu_memory_gb: float = 80.0) -> list[str]:
     """``rltk check``: load and validate the recipe, read its launch config, run :func:`check_recipe`."""
     recipe = load_recipe(path, list(overrides))
-    launch = launch or intended_launch(path)
+    if launch is None and intended_launch(path) is not None:
+        launch, comment_processes = intended_launch(path)
+        num_processes = num_processes or comment_processes
     if launch is None:
         raise ConfigError(f"recipe '{path}' names no launch config: pass --launch or add a '# launch: "
                           "launch/ddp.yaml' comment line at its top")
