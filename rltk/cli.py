@@ -54,7 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int)
     ev.add_argument("--out", default=None, help="report directory (default runs/eval/<model name>)")
     ev.add_argument("--no-save-samples", action="store_true", help="do not write samples.jsonl")
+    ev.add_argument("--sets", help="comma-separated names of the recipe's eval.sets, or 'all': one report per set "
+                                   "under --out/<name>")
     ev.add_argument("overrides", nargs="*", help="dotted overrides")
+
+    check = sub.add_parser("check", help="dry run: validate a recipe together with its accelerate launch config")
+    _add_recipe_args(check)
+    check.add_argument("--launch", help="accelerate config YAML (default: the recipe's '# launch:' comment)")
+    check.add_argument("--num-processes", type=int, help="training processes (overrides the launch config's)")
+    check.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, GiB (default 80)")
 
     cmp_ = sub.add_parser("compare", help="run recipe variants on the same seed and data; one pass@k table and plot")
     _add_recipe_args(cmp_)
@@ -137,11 +145,29 @@ def _cmd_eval(args) -> int:
 
     recipe = eval_recipe_from_args(args)
     out = args.out or str(Path("runs/eval") / Path(args.model.rstrip("/")).name)
-    report = evaluate_model(recipe, args.model, out, save_samples=not args.no_save_samples)
     from rltk.eval.report import format_passk_table
 
+    if args.sets:
+        from rltk.workflows import evaluate_model_sets
+
+        names = [s.name for s in recipe.eval.sets] if args.sets == "all" else [
+            s.strip() for s in args.sets.split(",") if s.strip()]
+        reports = evaluate_model_sets(recipe, args.model, out, save_samples=not args.no_save_samples, sets=names)
+        print(format_passk_table({f"{Path(args.model).name} / {name}": r for name, r in reports.items()}))
+        print("reports: " + ", ".join(f"{out}/{name}/report.md" for name in reports))
+        return 0
+    report = evaluate_model(recipe, args.model, out, save_samples=not args.no_save_samples)
     print(format_passk_table({Path(args.model).name: report}))
     print(f"report: {out}/report.md")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from rltk.launch_check import check_recipe_file
+
+    for line in check_recipe_file(args.recipe, args.overrides, launch=args.launch, num_processes=args.num_processes,
+                                  gpu_memory_gb=args.gpu_memory_gb):
+        print(line)
     return 0
 
 
@@ -189,7 +215,7 @@ def _cmd_redi(args) -> int:
     return 0
 
 
-_COMMANDS = {"train": _cmd_train, "sft": _cmd_sft, "eval": _cmd_eval, "compare": _cmd_compare,
+_COMMANDS = {"check": _cmd_check, "train": _cmd_train, "sft": _cmd_sft, "eval": _cmd_eval, "compare": _cmd_compare,
              "quickstart": _cmd_quickstart, "data": _cmd_data, "redi": _cmd_redi}
 
 

@@ -89,17 +89,37 @@ class DataConfig:
 
 @dataclass
 class VLLMConfig:
-    """vLLM rollouts (GPU only), following trl's VLLMGeneration."""
+    """vLLM rollouts (GPU only) through trl's ``VLLMGeneration`` (docs/vllm.md).
+
+    ``colocate``: every training process runs its own vLLM engine on its own GPU(s), sharing memory
+    with training. ``server``: one ``trl vllm-serve`` process on dedicated GPUs (launch/vllm_server.sh)
+    samples for all training processes. Weights are pushed to vLLM before the first generation after
+    any optimizer step."""
 
     mode: Literal["colocate", "server"] = "colocate"
-    gpu_memory_utilization: float = 0.3
-    tensor_parallel_size: int = 1
-    enable_sleep_mode: bool = False
-    server_host: str = "127.0.0.1"
+    gpu_memory_utilization: float = 0.3  # colocate: share of each GPU's memory vLLM may take (weights + KV cache)
+    tensor_parallel_size: int = 1  # colocate: GPUs per vLLM engine (must divide the process count); server: the
+    #                                 server's --tensor-parallel-size, used by `rltk check` to count its GPUs
+    enable_sleep_mode: bool = False  # colocate: free vLLM's weights and KV cache while training steps run
+    max_model_length: Union[int, None] = None  # vLLM context; None = data.max_prompt_length + longest max_new_tokens
+    max_num_seqs: Union[int, None] = None  # cap on sequences vLLM decodes at once (None: vLLM's default)
+    server_host: str = "127.0.0.1"  # server mode: where `trl vllm-serve` listens
     server_port: int = 8000
-    importance_sampling: Literal["token", "sequence", "none"] = "token"  # truncated IS correction
-    importance_sampling_mode: Literal["truncate", "mask"] = "truncate"
-    importance_sampling_cap: float = 2.0
+    server_timeout: float = 240.0  # server mode: seconds to wait for the server to answer /health/
+    group_port: int = 51216  # server mode: port of the NCCL group that streams weights to the server
+    server_data_parallel_size: int = 1  # server mode: the server's --data-parallel-size (GPUs = tp × dp)
+
+
+@dataclass
+class ImportanceSamplingConfig:
+    """Truncated importance sampling between the sampler's and the trainer's log-probs
+    (rltk.algos.importance; Yao et al. 2025; TRL's ``vllm_importance_sampling_*``). The per-token
+    policy loss is multiplied by w = f(exp(old_logp − sampling_logp)), a detached weight."""
+
+    enabled: Union[bool, None] = None  # None: on with rollout.engine=vllm, off with hf
+    level: Literal["token", "sequence"] = "token"  # one ratio per token, or exp(Σ_t diff) per sequence
+    mode: Literal["truncate", "mask"] = "truncate"  # min(ratio, cap), or weight 0 where ratio > cap
+    cap: float = 3.0  # TRL's vllm_importance_sampling_clip_max default
 
 
 @dataclass
@@ -112,6 +132,7 @@ class RolloutConfig:
     max_new_tokens: int = 32
     batch_size: int = 256  # completions generated per call of the hf engine
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 
 
 @dataclass
@@ -174,6 +195,22 @@ class SFTConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """A named held-out set for ``rltk eval --recipe`` (one report per set, under ``--out/<name>``).
+
+    Unset fields fall back to the recipe's ``data`` section (fields) or to all rows (num_problems)."""
+
+    name: str  # report subdirectory and table row, e.g. math500, aime24
+    source: str  # HF dataset id or local file, as data.eval_source
+    split: str = "test"
+    subset: Union[str, None] = None
+    prompt_field: Union[str, None] = None
+    answer_field: Union[str, None] = None
+    extract_boxed_answer: Union[bool, None] = None
+    num_problems: Union[int, None] = None  # None: every problem of the split
+
+
+@dataclass
 class EvalConfig:
     n: int = 16  # samples per problem
     ks: Union[list[int], None] = None  # default: powers of two up to n
@@ -183,6 +220,7 @@ class EvalConfig:
     num_problems: Union[int, None] = None  # default: data.num_test
     batch_size: int = 512  # completions per generation call
     maj: bool = True  # also report maj@k (equivalence-grouped)
+    sets: list[EvalSetConfig] = field(default_factory=list)  # named benchmarks for `rltk eval --recipe`
 
 
 @dataclass
@@ -494,8 +532,7 @@ def _validate_values(recipe: Recipe) -> None:
         raise ConfigError(f"trainer.adam_betas: expected two numbers in [0, 1), got {t.adam_betas}")
     if not 0 <= recipe.sft.warmup_ratio < 1:
         raise ConfigError(f"sft.warmup_ratio: must be in [0, 1), got {recipe.sft.warmup_ratio}")
-    if not 0 < recipe.rollout.vllm.gpu_memory_utilization <= 1:
-        raise ConfigError("rollout.vllm.gpu_memory_utilization: must be in (0, 1]")
+    _validate_rollout_engine(recipe)
     schedulers = sorted(s.value for s in SchedulerType)
     if t.lr_scheduler not in schedulers:
         close = difflib.get_close_matches(t.lr_scheduler, schedulers, n=1)
@@ -508,6 +545,28 @@ def _validate_values(recipe: Recipe) -> None:
         raise ConfigError(f"data.template: unknown template '{d.template}'; use one of {', '.join(sorted(TEMPLATES))} "
                           "or a string containing {question}")
     _validate_sources(recipe)
+
+
+def _validate_rollout_engine(recipe: Recipe) -> None:
+    """vLLM and importance-sampling knobs; whether vLLM is installed is checked when the engine is made."""
+    v, i = recipe.rollout.vllm, recipe.rollout.importance_sampling
+    if not 0 < v.gpu_memory_utilization <= 1:
+        raise ConfigError("rollout.vllm.gpu_memory_utilization: must be in (0, 1]")
+    for key, value in [("tensor_parallel_size", v.tensor_parallel_size), ("server_timeout", v.server_timeout),
+                       ("server_data_parallel_size", v.server_data_parallel_size),
+                       ("max_model_length", v.max_model_length), ("max_num_seqs", v.max_num_seqs)]:
+        if value is not None:
+            _positive(value, f"rollout.vllm.{key}")
+    if i.cap <= 1:
+        raise ConfigError(f"rollout.importance_sampling.cap: must be > 1 (a ratio of 1 is on-policy), got {i.cap}")
+    names = [s.name for s in recipe.eval.sets]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.sets: names must be unique, got {names}")
+    for k, s in enumerate(recipe.eval.sets):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
+            raise ConfigError(f"eval.sets[{k}].name: {s.name!r} must be letters, digits, '_', '-' or '.'")
+        if s.num_problems is not None:
+            _positive(s.num_problems, f"eval.sets[{k}].num_problems")
 
 
 def _validate_sources(recipe: Recipe) -> None:

@@ -34,30 +34,64 @@ def train(recipe: Recipe, *, resume: bool = False, evaluate_before: bool = True)
 
 def evaluate_model(recipe: Recipe, model_path: str, out_dir: str | Path, *, save_samples: bool = True) -> dict:
     """pass@k report of ``model_path`` on the recipe's held-out problems (``rltk eval``)."""
+    return evaluate_model_sets(recipe, model_path, out_dir, save_samples=save_samples, sets=None)[None]
+
+
+def evaluate_model_sets(recipe: Recipe, model_path: str, out_dir: str | Path, *, save_samples: bool = True,
+                        sets: list[str] | None = None) -> dict[str | None, dict]:
+    """Reports of ``model_path`` on named ``eval.sets`` (``sets``: their names, each written under
+    ``out_dir/<name>``), or with ``sets=None`` on the recipe's held-out data (key ``None``, written to
+    ``out_dir``). The model and the engine are built once for all sets."""
+    from dataclasses import replace
+
     from accelerate import Accelerator
 
     from rewards.math import MathVerifier
     from rltk.data.recipe import build_prompts, drop_long_prompts, load_test_split
     from rltk.eval.runner import EvalSettings, evaluate
     from rltk.models import load_model, load_tokenizer
-    from rltk.rollout.factory import make_engine
+    from rltk.rollout.factory import make_engine, require_engine
 
+    e, d = recipe.eval, recipe.data
+    chosen: list = [None]
+    if sets is not None:
+        by_name = {s.name: s for s in e.sets}
+        unknown = [name for name in sets if name not in by_name]
+        if unknown or not sets:
+            raise ConfigError(f"eval sets: unknown set '{unknown[0] if unknown else ''}'; the recipe's eval.sets are "
+                              f"{', '.join(by_name) or 'empty'}")
+        chosen = [by_name[name] for name in sets]
+    require_engine(recipe.rollout)  # a missing vLLM fails before the model loads
     accelerator = Accelerator()
     tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
     model = load_model(model_path, recipe.model, trainable=False).to(accelerator.device)
-    e, d = recipe.eval, recipe.data
-    examples = load_test_split(d, e.num_problems or d.num_test, seed=recipe.trainer.seed)
-    examples, prompts, skipped = drop_long_prompts(examples, build_prompts(examples, d, tokenizer), tokenizer,
-                                                   d.max_prompt_length)
-    engine = make_engine(recipe.rollout, lambda: model, tokenizer, d.max_prompt_length)
+    max_new = e.max_new_tokens or recipe.rollout.max_new_tokens
+    engine = make_engine(recipe.rollout, lambda: model, tokenizer, d.max_prompt_length, accelerator=accelerator,
+                         model_cfg=recipe.model, max_new_tokens=max_new)
     settings = EvalSettings(n=e.n, ks=tuple(e.ks) if e.ks else None, temperature=e.temperature, top_p=e.top_p,
-                            max_new_tokens=e.max_new_tokens or recipe.rollout.max_new_tokens,
-                            batch_size=e.batch_size, maj=e.maj, seed=recipe.trainer.seed)
-    protocol = {"model": model_path, "template": d.template, "data": d.eval_source or d.source,
-                "skipped_long_prompts": skipped}
+                            max_new_tokens=max_new, batch_size=e.batch_size, maj=e.maj, seed=recipe.trainer.seed)
+    reports: dict[str | None, dict] = {}
     with MathVerifier(deadline_s=recipe.verifier.deadline_s, num_workers=recipe.verifier.num_workers) as verifier:
-        return evaluate(engine, examples, prompts, verifier, settings, accelerator=accelerator, out_dir=out_dir,
-                        protocol=protocol, progress=recipe.logging.progress, save_samples=save_samples)
+        for spec in chosen:
+            data, num, out = d, e.num_problems or d.num_test, Path(out_dir)
+            if spec is not None:
+                data = replace(d, eval_source=spec.source, test_split=spec.split, subset=spec.subset,
+                               prompt_field=spec.prompt_field or d.prompt_field,
+                               answer_field=spec.answer_field or d.answer_field,
+                               extract_boxed_answer=d.extract_boxed_answer if spec.extract_boxed_answer is None
+                               else spec.extract_boxed_answer)
+                num, out = spec.num_problems, out / spec.name
+            examples = load_test_split(data, num, seed=recipe.trainer.seed)
+            examples, prompts, skipped = drop_long_prompts(examples, build_prompts(examples, data, tokenizer),
+                                                           tokenizer, data.max_prompt_length)
+            protocol = {"model": model_path, "template": data.template, "data": data.eval_source or data.source,
+                        "skipped_long_prompts": skipped, "engine": recipe.rollout.engine}
+            if spec is not None:
+                protocol["eval_set"] = spec.name
+            reports[None if spec is None else spec.name] = evaluate(
+                engine, examples, prompts, verifier, settings, accelerator=accelerator, out_dir=out,
+                protocol=protocol, progress=recipe.logging.progress, save_samples=save_samples)
+    return reports
 
 
 def eval_recipe_from_args(args) -> Recipe:

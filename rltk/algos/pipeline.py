@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
+from rltk.algos.importance import apply_importance_weights
 from rltk.algos.registry import Stage, StageError, get_stage, validate_params
 from rltk.algos.types import Advantages, LossOutput, Rollouts
 
@@ -106,9 +107,12 @@ class AlgorithmPipeline:
     def per_token_loss(
         self, logps: Tensor, rollouts: Rollouts, advantages: Advantages
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """Policy loss plus every term, per token ``[N, T]``, and per-token metrics by name."""
+        """Policy loss plus every term, per token ``[N, T]``, and per-token metrics by name.
+
+        ``rollouts.is_weights`` (sampler→trainer truncated importance sampling) reweights the policy
+        loss only, before the terms are added (as TRL's GRPOTrainer does)."""
         out = _as_loss_output(self.loss(logps, rollouts, advantages))
-        total = out.per_token
+        total = apply_importance_weights(out.per_token, rollouts.is_weights)
         metrics = {f"{self.loss.name}/{k}": v for k, v in out.token_metrics.items()}
         for term in self.terms:
             term_out = _as_loss_output(term(logps, rollouts, advantages))

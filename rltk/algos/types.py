@@ -32,6 +32,7 @@ class Rollouts:
     answer_logps: Tensor | None = None  # [N] log p(gold answer | prompt, completion)
     roles: tuple[str, ...] | None = None  # one role per group, in group order (e.g. "pos"/"neg")
     entropy: Tensor | None = None  # [N, T] current-policy token entropy, with grad, per micro-batch
+    is_weights: Tensor | None = None  # [N, T] sampler→trainer importance weights (rltk.algos.importance)
     extra: dict[str, Any] = field(default_factory=dict)  # room for user stages
 
     @property

@@ -40,8 +40,16 @@ def evaluate(engine, examples: list[Example], prompts: list[str], verifier, sett
     """Evaluate and (when ``out_dir``) write the report files; returns the report dict on every rank."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     shard = list(range(rank, len(examples), world))
+    padding = 0
+    if world > 1 and getattr(engine, "collective", False):
+        # vLLM server / tensor-parallel engines gather prompts over processes: every rank makes the same
+        # calls with as many prompts, so short shards repeat a problem whose results are dropped here
+        padding = -(-len(examples) // world) - len(shard)
+        shard = shard + [shard[0] if shard else 0] * padding
     per_problem, samples = _evaluate_shard(engine, [examples[i] for i in shard], [prompts[i] for i in shard],
                                            verifier, settings, progress and rank == 0)
+    if padding:
+        per_problem, samples = per_problem[:-padding], samples[: len(samples) - padding * settings.n]
     if world > 1:
         from accelerate.utils import gather_object
 

@@ -41,7 +41,9 @@ class RolloutEngine(Protocol):
         """Sample ``params.n`` completions for each prompt."""
 
     def sync_weights(self) -> None:
-        """Make the engine sample from the current policy weights (after an optimizer step)."""
+        """Called by the trainer after every applied optimizer step: from the next ``generate`` on,
+        sample from the current policy weights (the hf engine samples from the training model
+        itself; the vllm engine pushes the weights once before its next generation)."""
 
 
 def completion_mask_from_ids(completion_ids: Tensor, eos_token_id: int) -> tuple[Tensor, Tensor]:

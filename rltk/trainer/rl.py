@@ -32,7 +32,7 @@ from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.rollout.base import SamplingParams
-from rltk.rollout.factory import make_engine
+from rltk.rollout.factory import make_engine, require_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.checkpoint import latest_checkpoint, push_to_hub, save_checkpoint
 from rltk.trainer.distributed import (accelerator_handlers, attach_generation, configure_deepspeed,
@@ -41,6 +41,7 @@ from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (Tra
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
 from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
+from rltk.trainer.sampler_correction import SamplerCorrection
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,7 @@ class RLTrainer:
                  accelerator: Accelerator | None = None):
         self.recipe = recipe
         t = recipe.trainer
+        require_engine(recipe.rollout)  # a missing vLLM fails here: before any output or model load
         self.out = Path(t.output_dir)
         self.accelerator = accelerator or Accelerator(
             log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
@@ -67,7 +69,9 @@ class RLTrainer:
         self.pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
                                           recipe.algorithm.aggregation, recipe.algorithm.terms)
         self.updates_per_batch = t.ppo_epochs * t.mini_batches
+        self.correction = SamplerCorrection(recipe.rollout)  # sampler→trainer importance sampling
         self.needs = self.pipeline.needs() | ({"old_logps"} if self.updates_per_batch > 1 else set())
+        self.needs |= self.correction.needs()
         self._check_layout()
         self._setup_model(policy_path or resolve_model_path(recipe.model, self.out))
         self._setup_data()
@@ -77,7 +81,8 @@ class RLTrainer:
             raise ConfigError("trainer.prompts_per_step: a pairing sampler needs an even number of prompts per "
                               "process and mini-batch, so (q+, q-) pairs stay together")
         self.engine = make_engine(recipe.rollout, lambda: self.accelerator.unwrap_model(self.model),
-                                  self.tokenizer, recipe.data.max_prompt_length)
+                                  self.tokenizer, recipe.data.max_prompt_length, accelerator=self.accelerator,
+                                  model_cfg=recipe.model, max_new_tokens=_longest_generation(recipe))
         attach_generation(self.engine, self.accelerator, lambda: self.model)
         if hasattr(self.sampler, "attach"):
             from rltk.algos.pairing import ProbeContext
@@ -221,7 +226,8 @@ class RLTrainer:
         timings = {}
         start = time.perf_counter()
         generation = self.engine.generate([self.train_prompts[i] for i in mine], SamplingParams(
-            n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens))
+            n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+            return_logps=self.correction.enabled))
         timings["time/generate"] = time.perf_counter() - start
         start = time.perf_counter()
         answers = [e.answer for e in examples for _ in range(r.group_size)]
@@ -244,6 +250,8 @@ class RLTrainer:
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.model, reference=self.reference,
                                           temperature=r.temperature, chunk_size=t.logprob_chunk_size)
+        rollouts, is_metrics = self.correction.apply(rollouts, generation.sampling_logps)
+        timings.update(is_metrics)
         answer_batch = None
         if "answer_logps" in self.needs:
             answer_batch = build_answer_batch(tokens, generation.texts, answers, self.tokenizer,
@@ -401,6 +409,8 @@ class RLTrainer:
         """Optimizer step, or skip and count it when the loss or gradient is not finite."""
         if not self.guard.step(self.optimizer, self.scheduler, metrics, self.step + 1):
             self.counters["skipped_nonfinite_steps"] += 1
+        else:
+            self.engine.sync_weights()  # the engine samples from the new weights from its next generate on
 
     def train_batch(self) -> dict[str, float]:
         """Collect one rollout batch and run its ``ppo_epochs × mini_batches`` optimizer steps."""
@@ -482,6 +492,10 @@ class RLTrainer:
 
     def close(self) -> None:
         self.verifier.close()
+
+
+def _longest_generation(recipe: Recipe) -> int:
+    return max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)
 
 
 def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
