@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -9,6 +10,8 @@ from typing import Any
 import yaml
 
 from rltk.config import ConfigError, Recipe, build_recipe
+
+log = logging.getLogger(__name__)
 
 
 def _policy_path(recipe: Recipe) -> str | None:
@@ -163,7 +166,12 @@ def variant_data(base: dict[str, Any], variant: str) -> dict[str, Any]:
 
 
 def compare(base: dict[str, Any], overrides: list[str], variants: list[str], output_dir: str | None):
-    """Train every variant from the same warm start, seed and data; one pass@k table and plot."""
+    """Train every variant from the same warm start, seed and data; one pass@k table and plot.
+
+    A variant whose run directory holds a finished run of exactly its recipe is not trained again:
+    its saved reports are used, so a long comparison can be run a few variants at a time (or
+    resumed after an interruption) and the last call tabulates and plots them all.
+    """
     from rltk.eval.report import write_comparison, write_learning_curves
 
     variants = [v.strip() for v in variants if v.strip()]
@@ -177,7 +185,7 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
         recipe.sft.enabled = False
         if start_model:
             recipe.model.name_or_path = start_model
-        result = train(recipe, evaluate_before=not reports)
+        result = _finished_run(recipe, out / name) or train(recipe, evaluate_before="start" not in reports)
         if "before" in result:
             reports["start"] = result["before"]
         reports[name] = result["after"]
@@ -191,6 +199,21 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
         table += "\n\n" + write_learning_curves(out, curves, f"held-out avg@{first.eval.n} (seed {first.trainer.seed})",
                                                   f"avg@{first.eval.n}")
     return table, out
+
+
+def _finished_run(recipe: Recipe, run_dir: Path) -> dict[str, dict] | None:
+    """The before/after summaries (as reports) of a run in ``run_dir`` that finished with exactly
+    ``recipe`` (its ``result.json`` and ``recipe.json``), or None."""
+    import json
+
+    result, saved = run_dir / "result.json", run_dir / "recipe.json"
+    if not (result.is_file() and saved.is_file()):
+        return None
+    if json.loads(saved.read_text()) != json.loads(json.dumps(recipe.to_dict())):
+        return None
+    summaries = json.loads(result.read_text())
+    log.info("compare: %s already finished with this recipe; reusing its reports", run_dir)
+    return {k: {"summary": summaries[k]} for k in ("before", "after") if k in summaries}
 
 
 def _eval_curve(run_dir: Path) -> dict[int, float]:

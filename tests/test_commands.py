@@ -56,6 +56,18 @@ def test_sft_then_train_then_compare(tmp_path, tiny_model_dir):
     nsr = json.loads((compare_dir / "nsr" / "recipe.json").read_text())
     assert nsr["algorithm"]["advantage"] == [{"name": "nsr"}]
 
+    # a second call reuses the finished grpo run (not retrained) and trains only psr
+    finished = (compare_dir / "grpo" / "result.json").stat().st_mtime_ns
+    proc = _rltk("compare", recipe, "--variants", "grpo,psr", cwd=tmp_path)
+    assert (compare_dir / "grpo" / "result.json").stat().st_mtime_ns == finished
+    assert "already finished with this recipe" in proc.stderr
+    table = (compare_dir / "comparison.md").read_text()
+    for row in ("| start |", "| grpo |", "| psr |"):
+        assert row in table
+    assert "| nsr |" not in table
+    psr = json.loads((compare_dir / "psr" / "result.json").read_text())
+    assert "before" not in psr  # the start was evaluated once, by the first grpo run
+
 
 def test_cached_warm_start_is_reused_only_for_the_same_settings(tmp_path, tiny_model_dir, caplog):
     from rltk.config import build_recipe
