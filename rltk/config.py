@@ -136,6 +136,30 @@ class RolloutConfig:
 
 
 @dataclass
+class PacedConfig:
+    """PACED distillation in the RL loop (arXiv 2603.11178; ALGORITHMS.md §7; docs/algorithms/paced.md):
+    coef · Σ_i w(p_i)·KL_i / Σ_i w(p_i) over the step's completions, KL_i the token mean of the
+    full-vocabulary KL to ``teacher`` and w(p) = p^α(1 − p)^β from the group's pass rate p."""
+
+    coef: float = 1.0  # weight of the PACED loss next to pg_coef × the policy loss (rltk)
+    alpha: float = 1.0  # exponent of p (paper default 1)
+    beta: float = 1.0  # exponent of 1 − p (paper default 1)
+    schedule: Literal["forward", "reverse", "forward_then_reverse"] = "forward_then_reverse"  # KL direction
+    switch_step: Union[int, None] = None  # optimizer step where forward_then_reverse turns reverse
+    chunk_size: int = 4096  # vocabulary entries per KL chunk (memory vs speed; rltk)
+
+    def __post_init__(self) -> None:
+        for key in ("coef", "alpha", "beta"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"algorithm.paced.{key}: must be >= 0, got {getattr(self, key)}")
+        if self.chunk_size < 1:
+            raise ConfigError(f"algorithm.paced.chunk_size: must be >= 1, got {self.chunk_size}")
+        if self.schedule == "forward_then_reverse" and (self.switch_step is None or self.switch_step < 0):
+            raise ConfigError("algorithm.paced.switch_step: schedule forward_then_reverse needs the optimizer step "
+                              f"at which to switch to reverse KL (>= 0), got {self.switch_step}")
+
+
+@dataclass
 class AlgorithmConfig:
     """The pluggable stage. Each entry is a name or ``{name: ..., **params}``; a name may be an
     import path ``package.module:function`` for user code."""
@@ -145,6 +169,22 @@ class AlgorithmConfig:
     aggregation: Any = "token_mean"
     terms: list[Any] = field(default_factory=list)  # e.g. [{name: kl, coef: 0.04}]
     sampler: Any = "uniform"
+    pg_coef: float = 1.0  # weight of the policy loss; 0 with `paced` = distillation only
+    paced: Union[PacedConfig, None] = None  # PACED distillation from `teacher` (None: off)
+
+
+@dataclass
+class TeacherConfig:
+    """The teacher of ``algorithm.paced``: a separate frozen model, or the student itself reading
+    a privileged prompt that holds the gold solution (self-distillation). It must share the
+    student's tokenizer; loaded once, in eval mode, on the training device."""
+
+    name_or_path: Union[str, None] = None  # HF id or local directory of a separate teacher
+    privileged: bool = False  # teacher = the current student, prompted with privileged_template
+    privileged_template: str = "Solution: {solution}\n{prompt}"  # {solution} and {prompt} (the student's)
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "auto"
+    trust_remote_code: bool = False
+    attn_implementation: Union[str, None] = None
 
 
 @dataclass
@@ -284,6 +324,7 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     redi: RediConfig = field(default_factory=RediConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -654,7 +695,35 @@ def validate(recipe: Recipe) -> None:
     if recipe.model.lora is not None and recipe.model.ref_model is not None:
         raise ConfigError("model.ref_model and model.lora conflict: under LoRA the reference is the base model "
                           "with the adapter disabled; drop model.ref_model")
+    _validate_paced(recipe)
     _validate_rewards(recipe)
+
+
+def _validate_paced(recipe: Recipe) -> None:
+    """``algorithm.paced`` needs exactly one teacher; ``pg_coef`` 0 needs something else to train."""
+    a, teacher = recipe.algorithm, recipe.teacher
+    if a.pg_coef < 0:
+        raise ConfigError(f"algorithm.pg_coef: must be >= 0, got {a.pg_coef}")
+    if a.paced is None:
+        if a.pg_coef == 0:
+            raise ConfigError("algorithm.pg_coef: 0 leaves nothing to train; set it > 0 or add algorithm.paced")
+        if teacher.name_or_path or teacher.privileged:
+            raise ConfigError("teacher: is only used by algorithm.paced; add algorithm.paced or drop the teacher section")
+        return
+    if bool(teacher.name_or_path) == teacher.privileged:
+        raise ConfigError("teacher: algorithm.paced needs exactly one of teacher.name_or_path (a separate model) "
+                          "or teacher.privileged: true (the student with the gold solution in its prompt)")
+    if teacher.privileged:
+        try:
+            teacher.privileged_template.format(solution="", prompt="")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"teacher.privileged_template: only {{solution}} and {{prompt}} may appear "
+                              f"(double literal braces): {exc}") from None
+    path = teacher.name_or_path
+    if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
+        raise ConfigError(f"teacher.name_or_path: model directory '{path}' does not exist")
+    if a.pg_coef == 0 and a.paced.coef == 0:
+        raise ConfigError("algorithm.paced.coef: 0 with algorithm.pg_coef 0 leaves nothing to train")
 
 
 def _validate_rewards(recipe: Recipe) -> None:

@@ -333,3 +333,60 @@ def test_paper_garl_paft_recipes(method):
     assert r.trainer.micro_batch_size % r.rollout.group_size == 0  # PAFT draws within whole groups
     assert r.eval.n == 16 and r.eval.maj  # the paper reports maj@16
     assert r.trainer.output_dir.endswith(method)
+
+
+# ------------------------------------------------------------------------------- PACED
+
+
+def test_quickstart_paced():
+    from rltk.data.synthetic import CHARSET
+
+    r = _load("quickstart/paced.yaml")
+    p = r.algorithm.paced
+    assert (p.alpha, p.beta, p.schedule) == (1.0, 1.0, "forward_then_reverse")  # the paper's defaults
+    assert p.switch_step == r.trainer.steps // 2 and r.algorithm.pg_coef == 1.0
+    assert r.teacher.privileged and r.teacher.name_or_path is None  # offline: the student reads the solution
+    assert set(r.teacher.privileged_template) <= set(CHARSET)  # the tiny tokenizer can read it
+    base = load_recipe_data(RECIPES / "quickstart/grpo.yaml")
+    data = load_recipe_data(RECIPES / "quickstart/paced.yaml")
+    for section in base:
+        if section not in ("algorithm", "trainer"):
+            assert data[section] == base[section], f"quickstart/paced.yaml: '{section}' differs from grpo.yaml"
+    assert {k: v for k, v in data["trainer"].items() if k != "output_dir"} == \
+        {k: v for k, v in base["trainer"].items() if k != "output_dir"}
+
+
+def test_paper_paced_recipe():
+    """Qwen2.5-Math-7B-Instruct -> Qwen2.5-Math-1.5B, distillation only, validated without downloads."""
+    r = _load("qwen2.5-math-1.5b/paced.yaml")
+    assert r.model.name_or_path == "Qwen/Qwen2.5-Math-1.5B"
+    assert r.teacher.name_or_path == "Qwen/Qwen2.5-Math-7B-Instruct" and not r.teacher.privileged
+    assert r.model.dtype == r.teacher.dtype == "bfloat16"
+    assert r.algorithm.pg_coef == 0.0
+    p = r.algorithm.paced
+    assert (p.alpha, p.beta, p.schedule, p.coef) == (1.0, 1.0, "forward_then_reverse", 1.0)
+    assert 0 < p.switch_step < r.trainer.steps
+    assert r.rollout.group_size >= 4  # the pass rate needs several rollouts per problem
+    assert r.data.max_prompt_length + r.rollout.max_new_tokens <= 4096  # Qwen2.5-Math's context
+    assert r.trainer.micro_batch_size <= 8
+
+
+def test_quickstart_paced_trains_end_to_end(tmp_path):
+    """recipes/quickstart/paced.yaml, shrunk, trains 3 steps with metrics logged and no NaN."""
+    import json
+
+    from rltk.workflows import train
+
+    recipe = load_recipe(RECIPES / "quickstart/paced.yaml", [
+        "trainer.steps=3", "trainer.prompts_per_step=4", "trainer.micro_batch_size=8", "rollout.group_size=4",
+        "rollout.max_new_tokens=8", "sft.steps=3", "sft.batch_size=8", "sft.num_examples=32", "data.num_train=64",
+        "data.num_test=4", "eval.n=2", "eval.maj=false", "algorithm.paced.switch_step=2", "logging.progress=false",
+        f"trainer.output_dir={tmp_path}", "verifier.num_workers=1"])
+    result = train(recipe, evaluate_before=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3]
+    for row in steps:
+        assert all(not isinstance(v, str) for v in row.values()), row  # no NaN/inf strings
+        assert {"paced/share_p0", "paced/share_p1", "paced/weight_q50", "paced/skipped_steps"} <= set(row)
+    assert 0.0 <= result["after"]["summary"]["pass@k"][1] <= 1.0

@@ -34,6 +34,7 @@ class ForwardOutput:
     logps: Tensor  # [N, T]
     entropy: Tensor | None = None  # [N, T]
     hidden: dict[int, Tensor] | None = None  # layer -> [N, T, H]
+    final_hidden: Tensor | None = None  # [N, T, H] last (post-norm) hidden states, with gradient
 
 
 def selective_log_softmax(logits: Tensor, index: Tensor) -> Tensor:
@@ -55,9 +56,11 @@ def forward_logps(
     *,
     hidden_layers: tuple[int, ...] = (),
     with_entropy: bool = False,
+    with_final_hidden: bool = False,
 ) -> ForwardOutput:
     """One forward of ``batch`` through ``model``; logits are divided by ``temperature`` so the
-    log-probs are those of the distribution the sampler drew from (as TRL's GRPOTrainer does)."""
+    log-probs are those of the distribution the sampler drew from (as TRL's GRPOTrainer does).
+    ``with_final_hidden`` also returns the final hidden states predicting each completion token."""
     device = next(model.parameters()).device
     input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
     attention = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).to(device)
@@ -65,7 +68,7 @@ def forward_logps(
     prompt_len, completion_len = batch.prompt_ids.shape[1], batch.completion_ids.shape[1]
     # the LM head runs only on the positions that predict completion tokens (and the last one)
     out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                output_hidden_states=bool(hidden_layers), use_cache=False, logits_to_keep=completion_len + 1)
+                output_hidden_states=bool(hidden_layers) or with_final_hidden, use_cache=False, logits_to_keep=completion_len + 1)
     logits = out.logits[:, :-1] / temperature
     target = batch.completion_ids.to(device)
     logps = selective_log_softmax(logits, target)
@@ -76,7 +79,8 @@ def forward_logps(
             layer: out.hidden_states[layer][:, prompt_len - 1 : prompt_len - 1 + completion_len].detach()
             for layer in hidden_layers
         }
-    return ForwardOutput(logps, entropy, hidden)
+    final = out.hidden_states[-1][:, prompt_len - 1 : prompt_len - 1 + completion_len] if with_final_hidden else None
+    return ForwardOutput(logps, entropy, hidden, final)
 
 
 @torch.no_grad()

@@ -40,6 +40,7 @@ from rltk.trainer.distributed import (accelerator_handlers, attach_generation, c
 from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (TrainingError re-exported)
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
+from rltk.trainer.paced import make_paced
 from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
 from rltk.trainer.sampler_correction import SamplerCorrection
 
@@ -74,6 +75,7 @@ class RLTrainer:
         self.needs |= self.correction.needs()
         self._check_layout()
         self._setup_model(policy_path or resolve_model_path(recipe.model, self.out))
+        self.paced = make_paced(recipe, self.tokenizer, self.accelerator.device)  # PACED distillation, or None
         self._setup_data()
         self.sampler = self._make_sampler()
         if getattr(self.sampler, "provides_roles", False) and (t.prompts_per_step // t.mini_batches
@@ -272,7 +274,13 @@ class RLTrainer:
             **timings,
         }
         answer_sft = self._answer_sft_weights(rollouts, advantages) if answer_batch is not None else None
-        return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics, answer_batch, answer_sft)
+        teacher_tokens = None
+        if self.paced is not None:
+            teacher_tokens = self.paced.teacher_tokens(tokens, examples, [self.train_prompts[i] for i in mine],
+                                                       r.group_size)
+            metrics.update(self.paced.batch_metrics(rollouts))
+        return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics, answer_batch, answer_sft,
+                            teacher_tokens)
 
     def _answer_sft_weights(self, rollouts: Rollouts, advantages: Advantages) -> torch.Tensor | None:
         """Per-completion weights of the SFT term on the gold answer after each rationale: GARL's
@@ -359,29 +367,37 @@ class RLTrainer:
         step_mask = mask_all[rows]
         local = self.pipeline.normalizer(step_mask, self.recipe.rollout.max_new_tokens)
         normalizer = float(acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum"))
-        if normalizer <= 0:
-            return {"loss": 0.0, "empty_step": 1.0}
+        pg_coef = self.recipe.algorithm.pg_coef
+        use_pg = pg_coef > 0 and normalizer > 0
+        plan = None if self.paced is None else self.paced.plan(batch.rollouts, rows, self.step, self._reduce_sum)
+        paced_metrics = {} if plan is None else self._paced_step_metrics(plan)
+        use_paced = plan is not None and not plan.skipped
+        if not (use_pg or use_paced):
+            return {"loss": 0.0, "empty_step": 1.0, **paced_metrics}
         needs_entropy = "entropy" in self.needs
         temperature = self.recipe.rollout.temperature
         loss_total = torch.zeros((), dtype=torch.float64)
         token_sums: dict[str, float] = defaultdict(float)
         token_count = 0.0
+        kl_sum = 0.0
         t_forward = t_backward = 0.0
         chunks = self.micro_batches(rows)
         for i, mb in enumerate(chunks):
             with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
                 start = time.perf_counter()
-                out = forward_logps(self.model, batch.tokens.rows(mb), temperature, with_entropy=needs_entropy)
-                rollouts_mb = batch.rollouts.select(mb)
-                if needs_entropy:
-                    rollouts_mb = replace(rollouts_mb, entropy=out.entropy)
-                adv = batch.advantages
-                adv_mb = Advantages(adv.values[mb], None if adv.keep is None else adv.keep[mb])
-                per_token, token_metrics = self.pipeline.per_token_loss(out.logps, rollouts_mb, adv_mb)
-                mask_mb = mask_all[mb].to(per_token.device)
-                loss = self.pipeline.aggregate(per_token, mask_mb, normalizer) * acc.num_processes
-                if batch.answer_sft is not None:
-                    loss = loss + self._answer_sft_loss(batch, mb, normalizer)
+                out = forward_logps(self.model, batch.tokens.rows(mb), temperature, with_entropy=needs_entropy,
+                                    with_final_hidden=use_paced)
+                mask_mb = mask_all[mb].to(out.logps.device)
+                loss, token_metrics = torch.zeros((), device=out.logps.device), {}
+                if use_pg:
+                    loss, token_metrics = self._policy_loss(batch, mb, out, mask_mb, normalizer)
+                    loss = pg_coef * loss
+                if use_paced:
+                    paced, token_kl = self.paced.loss(acc.unwrap_model(self.model), out.final_hidden,
+                                                      batch.teacher_tokens.rows(mb), batch.rollouts.completion_mask[mb],
+                                                      plan.weights[mb], plan)
+                    loss = loss + paced * acc.num_processes
+                    kl_sum += float(token_kl.sum())
                 t_forward += time.perf_counter() - start
                 start = time.perf_counter()
                 acc.backward(loss)
@@ -390,12 +406,39 @@ class RLTrainer:
             for name, value in token_metrics.items():
                 token_sums[name] += float((value.detach() * mask_mb).sum())
             token_count += float(mask_mb.sum())
+        if use_paced:
+            tokens = self._reduce_sum(float(batch.rollouts.completion_mask[rows].sum()))
+            paced_metrics[f"paced/kl_{plan.direction}"] = self._reduce_sum(kl_sum) / max(tokens, 1.0)
         metrics = {"loss": float(acc.reduce(loss_total.to(acc.device), "sum")),
                    "time/forward": t_forward, "time/backward": t_backward}
         sums = acc.reduce(torch.tensor([token_count, *token_sums.values()], dtype=torch.float64, device=acc.device), "sum")
         for name, total in zip(token_sums, sums[1:].tolist()):
             metrics[name] = total / max(float(sums[0]), 1.0)
-        return metrics
+        return {**metrics, **paced_metrics}
+
+    def _policy_loss(self, batch: RolloutBatch, mb: torch.Tensor, out, mask_mb: torch.Tensor, normalizer: float):
+        """The pipeline's aggregated policy loss of micro-batch ``mb`` (× ranks) and its token metrics."""
+        rollouts_mb = batch.rollouts.select(mb)
+        if out.entropy is not None:
+            rollouts_mb = replace(rollouts_mb, entropy=out.entropy)
+        adv = batch.advantages
+        adv_mb = Advantages(adv.values[mb], None if adv.keep is None else adv.keep[mb])
+        per_token, token_metrics = self.pipeline.per_token_loss(out.logps, rollouts_mb, adv_mb)
+        loss = self.pipeline.aggregate(per_token, mask_mb, normalizer) * self.accelerator.num_processes
+        if batch.answer_sft is not None:
+            loss = loss + self._answer_sft_loss(batch, mb, normalizer)
+        return loss, token_metrics
+
+    def _reduce_sum(self, value: float) -> float:
+        acc = self.accelerator
+        return float(acc.reduce(torch.tensor(value, dtype=torch.float64, device=acc.device), "sum"))
+
+    def _paced_step_metrics(self, plan) -> dict[str, float]:
+        """The step's KL direction (0 forward, 1 reverse) and skipped all-zero-weight steps so far."""
+        if plan.skipped:
+            self.counters["paced_skipped_steps"] += 1
+        return {"paced/reverse": float(plan.direction == "reverse"), "paced/skipped": float(plan.skipped),
+                "paced/skipped_steps": float(self.counters["paced_skipped_steps"])}
 
     def _answer_sft_loss(self, batch: RolloutBatch, mb: torch.Tensor, normalizer: float) -> torch.Tensor:
         """−weight_m · log p(gold answer | prompt, rationale_m), aggregated like the policy loss."""

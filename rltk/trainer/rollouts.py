@@ -21,6 +21,7 @@ class RolloutBatch:
     metrics: dict[str, float] = field(default_factory=dict)
     answer: Any = None  # AnswerBatch: gold answers after each rationale, when answer_logps is needed
     answer_sft: torch.Tensor | None = None  # [N] weights of the gold-answer SFT term (likelihood mode)
+    teacher_tokens: TokenBatch | None = None  # the completions after the PACED teacher's prompts
 
     def select(self, rows: torch.Tensor) -> "RolloutBatch":
         """Rows ``rows`` (whole groups) of every per-completion field."""
@@ -32,7 +33,8 @@ class RolloutBatch:
         answer = None if self.answer is None else AnswerBatch(self.answer.tokens.rows(rows), self.answer.answer_mask[rows])
         return RolloutBatch(self.tokens.rows(rows), self.rollouts.select(rows), advantages,
                             [self.texts[i] for i in rows.tolist()], self.metrics, answer,
-                            None if self.answer_sft is None else self.answer_sft[rows])
+                            None if self.answer_sft is None else self.answer_sft[rows],
+                            None if self.teacher_tokens is None else self.teacher_tokens.rows(rows))
 
 
 def hidden_layers(needs: set[str]) -> tuple[int, ...]:

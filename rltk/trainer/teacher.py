@@ -1,0 +1,91 @@
+"""The teacher of PACED distillation (arXiv 2603.11178; ALGORITHMS.md §7): a separate frozen model,
+or the student itself reading a privileged prompt that holds the gold solution.
+
+The teacher reads the student's completion tokens after its own prompt (the student's prompt, or
+the privileged one) and returns its final hidden states at the positions that predict each
+completion token, with its LM head; :func:`rltk.algos.chunked_kl.linear_kl` turns those into the
+token-level full-vocabulary KL without building either model's logits.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from rltk.config import ConfigError, ModelConfig, TeacherConfig
+from rltk.data.loaders import Example
+from rltk.rollout.base import pad_left
+from rltk.trainer.logprobs import TokenBatch
+
+
+class Teacher:
+    """Loaded once, frozen, in eval mode, on ``device``; ``None`` model = the privileged student."""
+
+    def __init__(self, cfg: TeacherConfig, student_tokenizer, device: torch.device, answer_template: str):
+        self.cfg = cfg
+        self.tokenizer = student_tokenizer
+        self.answer_template = answer_template
+        self.model = None
+        if cfg.name_or_path:
+            self.model = _load_teacher(cfg, student_tokenizer).to(device)
+
+    def prompts(self, examples: Sequence[Example], prompts: Sequence[str]) -> list[str] | None:
+        """The teacher's prompt text per example: the privileged one, or ``None`` (the student's)."""
+        if not self.cfg.privileged:
+            return None
+        return [self.cfg.privileged_template.format(solution=self._solution(e), prompt=p)
+                for e, p in zip(examples, prompts)]
+
+    def _solution(self, example: Example) -> str:
+        """The worked solution if the data has one, else the gold answer as the prompt asks for it."""
+        return example.solution or self.answer_template.format(answer=example.answer)
+
+    def tokens(self, tokens: TokenBatch, prompts: list[str] | None, group_size: int) -> TokenBatch:
+        """The completions of ``tokens`` after the teacher's prompts (one per group), left-padded."""
+        if prompts is None:
+            return tokens
+        encoded = [self.tokenizer(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts]
+        rows = [ids for ids in encoded for _ in range(group_size)]
+        ids = pad_left(rows, self.tokenizer.pad_token_id)
+        mask = pad_left([torch.ones_like(r) for r in rows], 0)
+        return TokenBatch(ids, mask.to(tokens.prompt_mask.dtype), tokens.completion_ids, tokens.completion_mask)
+
+    @torch.no_grad()
+    def hidden(self, student: torch.nn.Module, batch: TokenBatch) -> tuple[Tensor, Tensor]:
+        """Final hidden states ``[N, T, H]`` predicting each completion token, and the LM head
+        ``[V, H]``, of the teacher (``student`` itself, without gradient, when privileged)."""
+        model = self.model if self.model is not None else student
+        device = next(model.parameters()).device
+        input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
+        attention = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).to(device)
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
+                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        start, length = batch.prompt_ids.shape[1] - 1, batch.completion_ids.shape[1]
+        hidden = out.hidden_states[-1][:, start : start + length]
+        return hidden, model.get_output_embeddings().weight.detach()
+
+
+def _load_teacher(cfg: TeacherConfig, student_tokenizer):
+    """A frozen eval-mode teacher whose vocabulary is the student's (PACED's KL is token-level)."""
+    from rltk.models import load_model, load_tokenizer
+
+    teacher_tokenizer = load_tokenizer(cfg.name_or_path, cfg.trust_remote_code)
+    if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+        raise ConfigError(f"teacher.name_or_path: '{cfg.name_or_path}' has a different vocabulary from the student "
+                          f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); PACED's token-level KL needs "
+                          "one tokenizer: pick a teacher of the same model family, or use teacher.privileged: true")
+    model_cfg = ModelConfig(name_or_path=cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                            attn_implementation=cfg.attn_implementation)
+    return load_model(cfg.name_or_path, model_cfg, trainable=False)
+
+
+def shared_vocabulary(student_weight: Tensor, teacher_weight: Tensor, num_tokens: int) -> int:
+    """Rows of both LM heads the KL runs over: the common leading rows, which must cover every token
+    (Qwen2.5 heads are padded past the tokenizer differently by size: 151,936 vs 152,064 rows)."""
+    rows = min(student_weight.shape[0], teacher_weight.shape[0])
+    if rows < num_tokens:
+        raise ConfigError(f"teacher.name_or_path: the LM heads have {student_weight.shape[0]} (student) and "
+                          f"{teacher_weight.shape[0]} (teacher) rows, fewer than the tokenizer's {num_tokens} tokens")
+    return rows
