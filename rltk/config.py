@@ -216,6 +216,7 @@ class TrainerConfig:
     output_dir: str = "runs/rltk"
     save_every: int = 0  # steps between checkpoints (0 = only at the end)
     keep_checkpoints: int = 2  # newest complete checkpoints kept
+    push_to_hub: Union[str, None] = None  # Hub repo id ("user/name"): upload the final model/ (+ adapter/)
     eval_every: int = 0  # steps between held-out evaluations (0 = before and after only)
     logprob_chunk_size: int = 64  # rows per no-grad log-prob forward
     max_bad_steps: int = 3  # consecutive non-finite steps before training stops

@@ -182,4 +182,7 @@ def _four_bit_config():
         import bitsandbytes  # noqa: F401
     except ImportError:
         raise ConfigError("model.lora.load_in_4bit needs bitsandbytes on a CUDA machine: pip install bitsandbytes") from None
+    if not torch.cuda.is_available():
+        raise ConfigError("model.lora.load_in_4bit (QLoRA) needs a CUDA GPU; bitsandbytes 4-bit does not run on CPU: "
+                          "set model.lora.load_in_4bit=false")
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)

@@ -58,10 +58,12 @@ def launch_single(port: int, script: list[str]) -> None:
 
 
 def _step_recipe(tmp_path: Path, model_dir: str, name: str, lora: bool) -> Path:
-    # 4 prompts × 4 samples: 8 completions per rank in 2 micro-batches of 4; a small clip so it acts
+    # 4 prompts × 4 samples: 8 completions per rank in 2 micro-batches of 4; a small clip so it acts;
+    # a KL term so the reference model (a separate frozen model, or the adapter disabled) is used
     model = {"name_or_path": model_dir, **({"lora": LORA} if lora else {})}
     data = small_recipe_data(model_dir, tmp_path / name, model=model,
-                             trainer={"prompts_per_step": 4, "micro_batch_size": 4, "max_grad_norm": 0.05})
+                             trainer={"prompts_per_step": 4, "micro_batch_size": 4, "max_grad_norm": 0.05},
+                             algorithm={"terms": [{"name": "kl", "coef": 0.1}]})
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
@@ -76,6 +78,18 @@ def _compare(one: dict, two: dict, zero: int) -> None:
     assert one["weight_names"] == two["weight_names"]
     diff = max(abs(a - b) for a, b in zip(one["weights"], two["weights"]))
     assert diff < 1e-5, diff  # lr is 1e-3: a second Adam step or a missing one would move weights by ~1e-3
+    # the saved HF-format models (gathered from the ZeRO shards; merged under LoRA) are equal too
+    wa, wb = _exported(one["checkpoint"]), _exported(two["checkpoint"])
+    assert sorted(wa) == sorted(wb)
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-5
+    assert Path(one["checkpoint"], "adapter").is_dir() == Path(two["checkpoint"], "adapter").is_dir()
+
+
+def _exported(checkpoint: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(Path(checkpoint) / "model")
+    return {k: v.float() for k, v in model.state_dict().items()}
 
 
 @pytest.fixture(scope="module")
@@ -98,3 +112,35 @@ def test_deepspeed_two_processes_match_one(tmp_path, tiny_model_dir, baselines, 
     recipe = _step_recipe(tmp_path, tiny_model_dir, "run", lora)
     launch_deepspeed(cpu_config(tmp_path, config), port, [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step"])
     _compare(baselines["lora" if lora else "full"], json.loads((tmp_path / "two.json").read_text()), zero)
+
+
+def _by_step(run: Path) -> dict[int, dict]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r for r in rows if "loss" in r}
+
+
+@pytest.mark.distributed
+def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
+    """ZeRO-2 on 2 processes: stopped after step 1's checkpoint and resumed == 2 straight steps."""
+    config = cpu_config(tmp_path, "zero2")
+
+    def recipe(run: str, steps: int) -> Path:
+        data = small_recipe_data(tiny_model_dir, tmp_path / run, trainer={"steps": steps, "save_every": 1,
+                                                                         "keep_checkpoints": 3, "prompts_per_step": 4})
+        path = tmp_path / f"{run}-{steps}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    train = ["-m", "rltk", "train"]
+    launch_deepspeed(config, 29631, [*train, str(recipe("straight", 2))])
+    launch_deepspeed(config, 29632, [*train, str(recipe("resumed", 1))])  # "stops" after its step-1 checkpoint
+    launch_deepspeed(config, 29633, [*train, str(recipe("resumed", 2)), "--resume"])
+    a, b = _by_step(tmp_path / "straight"), _by_step(tmp_path / "resumed")
+    assert sorted(a) == sorted(b) == [1, 2]
+    for key in ("loss", "reward/mean", "correct/mean", "completion/length_mean", "grad_norm"):
+        assert a[2][key] == pytest.approx(b[2][key], abs=1e-6), key
+    assert a[2]["grad_norm"] > 0
+    wa = _exported(str(tmp_path / "straight/checkpoints/step-000002"))
+    wb = _exported(str(tmp_path / "resumed/checkpoints/step-000002"))
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    assert (tmp_path / "resumed/checkpoints/step-000002/state/pytorch_model").is_dir()  # DeepSpeed's own state

@@ -8,7 +8,8 @@ averaging give the single-process step exactly.
 
 Mode ``step`` (used under DeepSpeed, where gradients live in ZeRO's partitioned buffers) runs the
 whole optimizer step (``RLTrainer.optimize``: accumulation, clipping, update) and writes the loss,
-the pre-clip gradient norm and the trainable weights after the update, gathered from all ranks.
+the pre-clip gradient norm and the trainable weights after the update, gathered from all ranks,
+then saves a checkpoint (HF-format ``model/``, and ``adapter/`` under LoRA).
 """
 import json
 import sys
@@ -48,6 +49,7 @@ def main(recipe_path: str, out_path: str, mode: str = "grad") -> None:
                 result["weights"] = torch.cat([state[n].detach().float().flatten() for n in names]).tolist()
                 result["weight_names"] = names
                 result["grad_norm"] = metrics["grad_norm"]
+            result["checkpoint"] = str(trainer.save())  # HF export gathered from all ranks (+ LoRA merge)
         result["loss"] = metrics["loss"]
         if acc.is_main_process:
             with open(out_path, "w") as handle:
