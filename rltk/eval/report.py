@@ -80,7 +80,8 @@ def _plot(curves: dict[str, dict[int, float]], title: str, *, xlabel: str = "k",
         ax.set_xscale("log", base=2)
         if ks:
             ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_ylim(0, 1.02)
+    top = max((y for c in curves.values() for y in c.values()), default=1.0)
+    ax.set_ylim(0, min(1.02, max(0.05, 1.15 * top)))  # the whole [0, 1] unless every value is small
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
