@@ -3,10 +3,12 @@
 Every rank samples the same full batch under a fixed seed, keeps its own share of whole prompt
 groups (as the trainer does), and accumulates gradients; rank 0 writes the global loss and the
 gradient vector. Equal results for 1 and 2 processes show the global normaliser and DDP's
-averaging give the single-process step exactly.
+averaging give the single-process step exactly. An optional third argument, a JSON list of 0/1,
+replaces the verifier's correctness of the full batch (to give PACED non-trivial pass rates).
 """
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -14,7 +16,7 @@ from rltk.config import build_recipe
 from rltk.trainer.rl import RLTrainer
 
 
-def main(recipe_path: str, out_path: str) -> None:
+def main(recipe_path: str, out_path: str, correct: str | None = None) -> None:
     torch.set_num_threads(1)
     recipe = build_recipe(json.loads(open(recipe_path).read()))
     trainer = RLTrainer(recipe)
@@ -23,6 +25,8 @@ def main(recipe_path: str, out_path: str) -> None:
         with torch.random.fork_rng():
             torch.manual_seed(1234)
             full = trainer.rollout_batch(list(range(recipe.trainer.prompts_per_step)), first_group=0)
+        if correct is not None:
+            full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
         group = recipe.rollout.group_size
         per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
         rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
@@ -38,4 +42,4 @@ def main(recipe_path: str, out_path: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(*sys.argv[1:4])
