@@ -360,7 +360,9 @@ class RLTrainer:
         """Forward and backward every micro-batch of ``rows``; gradients are left in ``.grad``.
 
         The loss of each micro-batch is divided by the step normaliser summed over all ranks and
-        multiplied by the number of ranks, so DDP's gradient averaging yields the global sum.
+        multiplied by the number of ranks, so DDP's gradient averaging yields the global sum. The
+        policy loss is scaled by ``algorithm.pg_coef``; PACED's loss, when on, is divided by its own
+        step-global Σw (``rltk/trainer/paced.py``) and added.
         """
         acc = self.accelerator
         mask_all = batch.rollouts.completion_mask * batch.advantages.kept().float().unsqueeze(-1)

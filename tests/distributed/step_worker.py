@@ -10,9 +10,13 @@ Mode ``step`` (used under DeepSpeed, where gradients live in ZeRO's partitioned 
 whole optimizer step (``RLTrainer.optimize``: accumulation, clipping, update) and writes the loss,
 the pre-clip gradient norm and the trainable weights after the update, gathered from all ranks,
 then saves a checkpoint (HF-format ``model/``, and ``adapter/`` under LoRA).
+
+An optional fourth argument, a JSON list of 0/1, replaces the verifier's correctness of the full
+batch (to give PACED non-trivial pass rates).
 """
 import json
 import sys
+from dataclasses import replace
 
 import torch
 
@@ -21,7 +25,7 @@ from rltk.trainer.distributed import zero_stage
 from rltk.trainer.rl import RLTrainer
 
 
-def main(recipe_path: str, out_path: str, mode: str = "grad") -> None:
+def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | None = None) -> None:
     torch.set_num_threads(1)
     recipe = build_recipe(json.loads(open(recipe_path).read()))
     trainer = RLTrainer(recipe)
@@ -30,6 +34,10 @@ def main(recipe_path: str, out_path: str, mode: str = "grad") -> None:
         with torch.random.fork_rng():
             torch.manual_seed(1234)
             full = trainer.rollout_batch(list(range(recipe.trainer.prompts_per_step)), first_group=0)
+        if correct is not None:
+            full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
+        if correct is not None:
+            full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
         group = recipe.rollout.group_size
         per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
         rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
@@ -60,4 +68,4 @@ def main(recipe_path: str, out_path: str, mode: str = "grad") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(*sys.argv[1:5])
