@@ -293,6 +293,33 @@ def test_quickstart_recipe_is_stage_one_on_teacher_traces_then_redi():
         assert data[section] == grpo[section], section
 
 
+def test_teacher_recipe_is_a_deeper_tiny_model_trained_longer_on_the_same_task():
+    """recipes/quickstart/redi_teacher.yaml makes the demonstration's teacher: the student's task,
+    sampling and evaluation, a deeper tiny model (same tokenizer), and a longer SFT."""
+    teacher = load_recipe_data(ROOT / "recipes" / "quickstart" / "redi_teacher.yaml")
+    student = load_recipe_data(ROOT / "recipes" / "quickstart" / "redi.yaml")
+    for section in ("data", "rollout", "rewards", "eval"):
+        assert teacher[section] == student[section], section
+    t, s = build_recipe(teacher), build_recipe(student)
+    assert t.model.name_or_path == s.model.name_or_path == "tiny"
+    assert t.model.tiny.num_layers > s.model.tiny.num_layers
+    assert t.model.tiny.hidden_size == s.model.tiny.hidden_size  # one character tokenizer, one embedding width
+    assert t.sft.enabled and t.sft.steps > s.sft.steps and t.redi.data is None
+
+
+def test_teacher_recipe_end_to_end(tmp_path, capsys):
+    """`rltk sft recipes/quickstart/redi_teacher.yaml`, cut to 2 steps: builds the 4-layer tiny model,
+    trains it, evaluates it."""
+    out = tmp_path / "teacher"
+    args = [str(ROOT / "recipes" / "quickstart" / "redi_teacher.yaml"), f"trainer.output_dir={out}", "sft.steps=2",
+            "sft.batch_size=4", "sft.num_examples=8", "data.num_test=2", "eval.n=1", "logging.progress=false",
+            "verifier.num_workers=1"]
+    assert main(["sft", *args]) == 0, capsys.readouterr().err
+    assert "held-out avg@1" in capsys.readouterr().out
+    config = json.loads((out / "sft" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 4 and config["hidden_size"] == 128
+
+
 def test_paper_recipes_carry_the_papers_settings():
     """ALGORITHMS.md §6: stage 1 lr 5e-5, batch 128, 5 epochs; stage 2 lr 1e-6, batch 32, 1 epoch, 10% warmup
     then linear decay, α = 0.8; Open-R1 traces; MATH-500 pass@1 over 16 samples."""
