@@ -177,6 +177,9 @@ def test_two_trainer_steps_sync_once_per_optimizer_step(tiny_model_dir, tmp_path
         (fake,) = fake_vllm.instances
         assert isinstance(engine, VLLMEngine)
         assert fake.model is trainer.accelerator.unwrap_model(trainer.model)
+        tok = trainer.tokenizer
+        digit, plus = tok.convert_tokens_to_ids("7"), tok.convert_tokens_to_ids("+")
+        fake.script = lambda ids: [[digit, digit, digit, tok.eos_token_id], [digit, plus, plus, tok.eos_token_id]]
         hooks = []
         original = engine.sync_weights
         engine.sync_weights = lambda: (hooks.append(trainer.step), original())[1]
