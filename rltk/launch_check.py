@@ -288,6 +288,9 @@ def check_recipe_file(path: str | Path, overrides: list[str] = (), *, launch: st
     if launch is None:
         raise ConfigError(f"recipe '{path}' names no launch config: pass --launch or add a '# launch: "
                           "launch/ddp.yaml' comment line at its top")
+    if not Path(launch).exists():  # a path relative to the repository the recipe lives in
+        found = [parent / launch for parent in Path(path).resolve().parents if (parent / launch).exists()]
+        launch = str(found[0]) if found else launch
     layout = read_launch_config(launch, num_processes)
     return [f"recipe: {path}", *check_recipe(recipe, layout, explicit_processes=num_processes is not None,
                                              gpu_memory_gb=gpu_memory_gb)]
