@@ -709,7 +709,8 @@ def _validate_paced(recipe: Recipe) -> None:
         if a.pg_coef == 0:
             raise ConfigError("algorithm.pg_coef: 0 leaves nothing to train; set it > 0 or add algorithm.paced")
         if teacher.name_or_path or teacher.privileged:
-            raise ConfigError("teacher: is only used by algorithm.paced; add algorithm.paced or drop the teacher section")
+            raise ConfigError("teacher: is only used by algorithm.paced; add algorithm.paced or drop the teacher "
+                              "section")
         return
     if bool(teacher.name_or_path) == teacher.privileged:
         raise ConfigError("teacher: algorithm.paced needs exactly one of teacher.name_or_path (a separate model) "

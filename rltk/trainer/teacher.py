@@ -73,9 +73,10 @@ def _load_teacher(cfg: TeacherConfig, student_tokenizer):
 
     teacher_tokenizer = load_tokenizer(cfg.name_or_path, cfg.trust_remote_code)
     if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
-        raise ConfigError(f"teacher.name_or_path: '{cfg.name_or_path}' has a different vocabulary from the student "
-                          f"({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); PACED's token-level KL needs "
-                          "one tokenizer: pick a teacher of the same model family, or use teacher.privileged: true")
+        raise ConfigError(f"teacher.name_or_path: '{cfg.name_or_path}' has a different vocabulary from the "
+                          f"student ({len(teacher_tokenizer)} vs {len(student_tokenizer)} tokens); PACED's token-level "
+                          "KL needs one tokenizer: pick a teacher of the same model family, or use "
+                          "teacher.privileged: true")
     model_cfg = ModelConfig(name_or_path=cfg.name_or_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
                             attn_implementation=cfg.attn_implementation)
     return load_model(cfg.name_or_path, model_cfg, trainable=False)
