@@ -144,3 +144,29 @@ def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
     wb = _exported(str(tmp_path / "resumed/checkpoints/step-000002"))
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     assert (tmp_path / "resumed/checkpoints/step-000002/state/pytorch_model").is_dir()  # DeepSpeed's own state
+
+
+@pytest.mark.distributed
+def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir):
+    """``launch/slurm.sbatch`` with ``launch/multinode.yaml`` (ZeRO-2), 2 "nodes" × 1 process on this
+    machine: a stand-in ``srun`` runs the script's per-node command once per node id, as SLURM's
+    one task per node would; both nodes must join one 2-process run that trains and checkpoints."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text("#!/bin/bash\necho 127.0.0.1\n")  # show hostnames -> main node
+    (bin_dir / "srun").write_text("#!/bin/bash\nshift\npids=()\nfor id in 0 1; do SLURM_NODEID=$id \"$@\" & pids+=($!); done\n"
+                                  "rc=0\nfor p in \"${pids[@]}\"; do wait $p || rc=1; done\nexit $rc\n")
+    for tool in ("scontrol", "srun"):
+        (bin_dir / tool).chmod(0o755)
+    config = cpu_config(tmp_path, "multinode")
+    data = small_recipe_data(tiny_model_dir, tmp_path / "run", trainer={"steps": 1, "prompts_per_step": 4})
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    env = _env(29641, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_NNODES="2",
+               SLURM_JOB_NODELIST="node[0-1]", GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(config),
+               MAIN_PROCESS_PORT="29641")
+    _run(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(recipe)], env)
+    result = json.loads((tmp_path / "run" / "result.json").read_text())
+    assert result["final_checkpoint"].endswith("step-000001")
+    assert (tmp_path / "run/checkpoints/step-000001/state/pytorch_model").is_dir()  # DeepSpeed state
+    assert 1 in _by_step(tmp_path / "run")
