@@ -80,18 +80,65 @@ def _local_files(source: str, split: str) -> tuple[str, list[str]] | None:
     return builders.pop(), [str(p) for p in files]
 
 
+def _is_empty(path: str) -> bool:
+    """True when a local data file holds no rows: zero bytes, only whitespace, or a Parquet
+    file whose footer says 0 rows (read lazily: a large file is not scanned)."""
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet as pq
+
+            return pq.ParquetFile(path).metadata.num_rows == 0
+        except Exception:  # unreadable: let the loader report it
+            return False
+    with open(path, "rb") as handle:
+        return all(not line.strip() for line in handle)
+
+
+def _first_bad_json_row(path: str) -> str | None:
+    """Where a JSON Lines file stops being JSON: 'row N: why', N counting non-blank lines from 0.
+    A lone surrogate escape (``"\\ud800"``) parses in Python but is not text, so it counts too."""
+    import json
+
+    with open(path, "rb") as handle:
+        rows = (line for line in handle if line.strip())
+        for number, line in enumerate(rows):
+            try:
+                json.dumps(json.loads(line), ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                return f"row {number}: invalid escaped surrogate (a lone \\ud800-\\udfff escape is not text)"
+            except ValueError as e:  # JSONDecodeError and undecodable bytes
+                return f"row {number}: {e}"
+    return None
+
+
+def _root_message(error: BaseException) -> str:
+    """The first line of the innermost cause: datasets wraps the useful message in generic ones."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def _load_table(source: str, split: str, subset: str | None):
     import datasets  # heavy import, only when a file or Hub dataset is read
 
     local = _local_files(source, split)
+    if local is not None:
+        builder, files = local
+        empty = [f for f in files if _is_empty(f)]
+        if len(empty) == len(files):
+            raise DataError(f"data file {empty[0]} is empty (no rows); write one JSON object per line or a "
+                            "non-empty Parquet table")
     try:
         if local is not None:
-            builder, files = local
             return datasets.load_dataset(builder, data_files=files, split="train")
         return datasets.load_dataset(source, subset, split=split)
     except Exception as e:  # datasets raises many types; the user needs one line
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise DataError(f"cannot load {source!r} (split {split!r}): {type(e).__name__}: {message}") from e
+        bad_rows = [(f, row) for f in (local[1] if local else []) if f.endswith(".jsonl")
+                    for row in [_first_bad_json_row(f)] if row]
+        if bad_rows:
+            raise DataError(f"cannot load {bad_rows[0][0]}: JSON parse error in {bad_rows[0][1]}") from e
+        raise DataError(f"cannot load {source!r} (split {split!r}): {_root_message(e)}") from e
 
 
 def _check_fields(columns: Sequence[str], source: str, fields: dict[str, str | None]) -> None:

@@ -6,8 +6,6 @@ a missing file, an empty directory, and the basic skip counts) with files that a
 ways: empty or unparseable files, non-string prompts of every JSON/Arrow type, odd answers, and
 prompts longer than ``data.max_prompt_length`` through ``drop_long_prompts`` with the tiny model's
 character tokenizer.
-
-Cases rltk does not handle well today are ``xfail(strict=True)`` with what happens now.
 """
 from __future__ import annotations
 
@@ -72,26 +70,7 @@ UNREADABLE = {
                                        r"prompt_field 'problem' not found.*\['data'\]"),
     "all-null rows": ("train.jsonl", jsonl([{"problem": None, "answer": None}] * 3), r"no usable examples"),
 }
-_VAGUE = ("the DataError is one line but does not name the problem: it shows the first line of the outermost "
-          "datasets exception ({now}); rltk should report the root cause (exc.__cause__ chain) or check for "
-          "an empty file itself")
-UNREADABLE_TODAY = {
-    "empty jsonl": _VAGUE.format(now="'StopIteration: '"),
-    "blank lines only": _VAGUE.format(now="'ValueError: Instruction \"train\" corresponds to no data!'"),
-    "truncated last line": _VAGUE.format(now="'DatasetGenerationError: An error occurred while generating the "
-                                             "dataset'; the cause says 'JSON parse error: ... in row 1'"),
-    "not JSON at all": _VAGUE.format(now="'DatasetGenerationError: An error occurred ...'"),
-    "invalid escaped surrogate": _VAGUE.format(now="'DatasetGenerationError: An error occurred ...'"),
-    "empty parquet": _VAGUE.format(now="'DatasetGenerationError: ...'; the cause is 'BatchSize must be greater "
-                                       "than 0, got 0'"),
-}
-
-
-@pytest.mark.parametrize("case", [
-    pytest.param(name, id=name, marks=[pytest.mark.xfail(strict=True, reason=UNREADABLE_TODAY[name])]
-                 if name in UNREADABLE_TODAY else [])
-    for name in UNREADABLE
-])
+@pytest.mark.parametrize("case", list(UNREADABLE))
 def test_unreadable_file_is_one_clear_data_error(case, tmp_path):
     file_name, content, pattern = UNREADABLE[case]
     if content == "EMPTY_TABLE":
