@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import re
 import types
 import typing
@@ -625,6 +626,25 @@ def _validate_sources(recipe: Recipe) -> None:
     for key, path in [("model.name_or_path", recipe.model.name_or_path), ("model.ref_model", recipe.model.ref_model)]:
         if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
             raise ConfigError(f"{key}: model directory '{path}' does not exist")
+    if d.chat_template and not _may_have_chat_template(recipe.model.name_or_path):
+        raise ConfigError(f"data.chat_template: the tokenizer of '{recipe.model.name_or_path}' has no chat template; "
+                          "set data.chat_template=false or use an instruct model's tokenizer")
+
+
+def _may_have_chat_template(name_or_path: str) -> bool:
+    """False when the tokenizer surely has no chat template: the built-in tiny model, or a local
+    directory whose tokenizer files carry none. A Hub id is checked when the tokenizer loads."""
+    if name_or_path == "tiny":
+        return False
+    path = Path(name_or_path).expanduser()
+    if not path.is_dir():
+        return True
+    if any((path / name).is_file() for name in ("chat_template.jinja", "chat_template.json")):
+        return True
+    try:
+        return "chat_template" in json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return True
 
 
 def validate(recipe: Recipe) -> None:

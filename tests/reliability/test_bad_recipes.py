@@ -6,10 +6,8 @@ of the one-line error the recipe must produce. Every file runs in-process throug
 ``rltk.cli.main(["train", path])`` (cheap), and a sample also as ``python -m rltk train`` in a
 subprocess (the real entry point: exit status, stderr, imports; ~3 s of imports each).
 
-Cases that rltk does not handle cleanly today are marked ``xfail(strict=True)`` in
-:data:`KNOWN_FAILURES` with what happens now; when rltk is fixed the test XPASSes, fails, and the
-mark is removed. Recipes that reach the trainer carry small sizes, so a check that is missed costs
-seconds, never a training run.
+Every case fails in ``rltk.config.validate``, before anything loads. Recipes that would reach the
+trainer carry small sizes, so a check that is missed costs seconds, never a training run.
 """
 from __future__ import annotations
 
@@ -26,16 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 RECIPES = Path(__file__).with_name("recipes")
 FILES = sorted(RECIPES.glob("*.yaml"))
 
-_WRITES = "creates trainer.output_dir (runs/) before the check, so a failed start leaves files behind"
-_LATE = "checked only in RLTrainer, after the output dir is created and the tiny model built and loaded"
-_BARS = "transformers' 'Loading weights' progress bars add lines to stderr"
-
-# recipe stem -> what happens today (rltk should fail in rltk.config.validate, before anything loads)
-KNOWN_FAILURES = {
-    "chat_template_not_set": "exit 2 with one line ('data.chat_template: the tokenizer has no chat template'), but "
-                             f"the tokenizer is only known after the tiny model is built; {_LATE}",
-}
-
 # The subprocess sample: clean cases of different kinds (schema, cross-field, stage, YAML, output dir).
 SUBPROCESS_SAMPLE = ["unknown_top_level_key", "grpo_group_size_one", "unknown_estimator", "malformed_yaml",
                      "unwritable_output_dir"]
@@ -49,8 +37,6 @@ def expected_message(path: Path) -> str:
 
 def _param(path: Path):
     marks = []
-    if path.stem in KNOWN_FAILURES:
-        marks.append(pytest.mark.xfail(strict=True, reason=KNOWN_FAILURES[path.stem]))
     if path.stem == "unwritable_output_dir" and not Path("/proc").is_dir():
         marks.append(pytest.mark.skip(reason="needs a /proc that refuses mkdir"))
     return pytest.param(path, id=path.stem, marks=marks)
@@ -70,8 +56,7 @@ def test_corpus_is_large_and_well_formed():
     assert len(FILES) >= 30
     for path in FILES:
         assert expected_message(path)
-    assert set(KNOWN_FAILURES) <= {p.stem for p in FILES}
-    assert set(SUBPROCESS_SAMPLE) <= {p.stem for p in FILES} - set(KNOWN_FAILURES)
+    assert set(SUBPROCESS_SAMPLE) <= {p.stem for p in FILES}
 
 
 @pytest.mark.parametrize("path", [_param(p) for p in FILES])
