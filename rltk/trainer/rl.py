@@ -524,8 +524,6 @@ class RLTrainer:
         finally:
             bar.close()
         final = self.save()
-        if t.push_to_hub and acc.is_main_process:
-            push_to_hub(final, t.push_to_hub)
         result["after"] = self.evaluate(f"step-{self.step:06d}")
         metrics_log.log(self.step, _eval_metrics(result["after"]["summary"]))
         metrics_log.close()
@@ -533,6 +531,8 @@ class RLTrainer:
         if acc.is_main_process:
             atomic_write_json(self.out / "result.json", {
                 k: (v["summary"] if isinstance(v, dict) and "summary" in v else v) for k, v in result.items()})
+        if t.push_to_hub and acc.is_main_process:  # last, so a failed upload loses nothing
+            push_to_hub(final, t.push_to_hub)
         return result
 
     def close(self) -> None:
