@@ -171,6 +171,9 @@ def _check_parallelism(recipe: Recipe, layout: LaunchLayout, world: int, server:
     if m.lora is not None and m.lora.load_in_4bit and stage == 3:
         raise ConfigError("model.lora.load_in_4bit (QLoRA) cannot be sharded by ZeRO-3 here; use a ZeRO-2 or DDP "
                           "launch config, or drop load_in_4bit")
+    if recipe.algorithm.paced is not None and stage == 3:
+        raise ConfigError("algorithm.paced does not run under DeepSpeed ZeRO-3 yet (its chunked KL reads both LM "
+                          "heads whole); use launch/zero2.yaml or ddp.yaml")
     lines = [f"launch: {layout.path} ({layout.distributed_type}"
              + (f", ZeRO-{stage}" if stage is not None else "")
              + (", optimizer offload" if layout.offload_optimizer else "")

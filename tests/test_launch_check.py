@@ -1,9 +1,6 @@
 """`rltk check`: every real-model recipe passes its dry run with its intended launch config, and
 malformed recipe × launch combinations fail with one line. Nothing is downloaded: models are known by
 name, datasets are never opened. Also checks launch/vllm_server.sh against the config keys.
-
-The ZeRO configs (launch/zero3.yaml, zero3_offload.yaml) come from another branch; until they are in
-the tree, the recipes naming them are checked against equivalent configs written to tmp_path.
 """
 from __future__ import annotations
 
@@ -36,15 +33,12 @@ def _zero3(tmp_path: Path, offload: bool = False, processes: int = 8) -> Path:
     return path
 
 
-def _launch_for(recipe: Path, tmp_path: Path) -> tuple[Path, int | None]:
+def _launch_for(recipe: Path) -> tuple[Path, int | None]:
     named = intended_launch(recipe)
     assert named is not None, f"{recipe.name}: add a '# launch: <accelerate config>' comment line"
     path, processes = named
-    if (ROOT / path).exists():
-        return ROOT / path, processes
-    stand_ins = {"launch/zero3.yaml": _zero3(tmp_path), "launch/zero3_offload.yaml": _zero3(tmp_path, offload=True)}
-    assert path in stand_ins, f"{recipe.name}: launch config {path} is neither in the tree nor a known ZeRO config"
-    return stand_ins[path], processes
+    assert (ROOT / path).is_file(), f"{recipe.name}: launch config {path} is not in launch/"
+    return ROOT / path, processes
 
 
 def test_every_method_has_a_recipe_for_both_models():
@@ -55,7 +49,7 @@ def test_every_method_has_a_recipe_for_both_models():
 
 @pytest.mark.parametrize("path", REAL, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_real_recipe_passes_its_dry_run(path, tmp_path):
-    launch, processes = _launch_for(path, tmp_path)
+    launch, processes = _launch_for(path)
     lines = check_recipe_file(path, launch=str(launch), num_processes=processes)
     assert any(line.startswith("memory: ") for line in lines) and any(line.startswith("context: ") for line in lines)
     recipe = load_recipe(path)
@@ -134,6 +128,8 @@ def test_zero_and_offload_rules(tmp_path):
         _check(tmp_path, launch=bad)
     with pytest.raises(ConfigError, match=r"model.lora.load_in_4bit \(QLoRA\) cannot be sharded by ZeRO-3"):
         _check(tmp_path, ["model.lora={r: 8, load_in_4bit: true}"], launch=zero3)
+    with pytest.raises(ConfigError, match="algorithm.paced does not run under DeepSpeed ZeRO-3"):
+        check_recipe_file(ROOT / "recipes" / "qwen2.5-math-1.5b" / "paced.yaml", launch=str(ROOT / "launch" / "zero3.yaml"))
 
 
 def test_launch_config_errors(tmp_path):

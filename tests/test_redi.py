@@ -374,17 +374,29 @@ def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
     assert [tokenizer.decode(c) for c in row.completions] == ["2\n<eos>", "3\n<eos>"]
 
 
-def _ddp_worker(model_dir: str, pairs: str, out: str) -> None:
-    """Run by torch.distributed.run: one step's gradient of 4 pairs split over the processes."""
+def _ddp_worker(model_dir: str, pairs: str, out: str, mode: str = "grad") -> None:
+    """Run by torch.distributed.run / accelerate launch: 4 pairs split over the processes. Mode
+    ``grad``: one step's loss and gradient. Mode ``step`` (DeepSpeed, whose gradients live in ZeRO's
+    buffers): one whole optimizer step's loss, gradient norm and the updated weights."""
     torch.set_num_threads(1)
-    recipe = _recipe(model_dir, Path(out).parent / "ddp_run", micro_batch_size=1)
+    recipe = _recipe(model_dir, Path(out).parent / "ddp_run", micro_batch_size=1, lr=1e-2, warmup_ratio=0.0)
     trainer = RediTrainer(recipe, model_dir, read_redi_table(pairs))
-    metrics = trainer.accumulate_gradients(trainer.local_rows([0, 1, 2, 3]), 4)
-    grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
+    result = {"world": trainer.accelerator.num_processes}
+    if mode == "grad":
+        metrics = trainer.accumulate_gradients(trainer.local_rows([0, 1, 2, 3]), 4)
+        result["grad"] = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None]).tolist()
+    else:
+        metrics = trainer.optimize([0, 1, 2, 3])
+        state = trainer.accelerator.get_state_dict(trainer.model)  # gathered (collective)
+        result.update(grad_norm=metrics["grad_norm"], weights=_flat_weights(state))
+    result["loss"] = metrics["loss"]
     if trainer.accelerator.is_main_process:
-        Path(out).write_text(json.dumps({"loss": metrics["loss"], "grad": grads.tolist(),
-                                         "world": trainer.accelerator.num_processes}))
+        Path(out).write_text(json.dumps(result))
     trainer.accelerator.wait_for_everyone()
+
+
+def _flat_weights(state: dict) -> list[float]:
+    return torch.cat([state[name].detach().float().flatten() for name in sorted(state)]).tolist()
 
 
 @pytest.mark.distributed
@@ -402,14 +414,37 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2
 
-    trainer = RediTrainer(_recipe(tiny_model_dir, tmp_path / "one"), tiny_model_dir, read_redi_table(pairs))
+    trainer = RediTrainer(_recipe(tiny_model_dir, tmp_path / "one", lr=1e-2), tiny_model_dir, read_redi_table(pairs))
     one = trainer.accumulate_gradients(trainer.data.rows[:4], 4)
     grads = torch.cat([p.grad.flatten() for p in trainer.model.parameters() if p.grad is not None])
     assert abs(one["loss"] - two["loss"]) < 1e-6
     assert float((grads - torch.tensor(two["grad"])).abs().max()) < 1e-6
 
 
-if __name__ == "__main__":  # the DDP worker (test_ddp_two_processes_match_one)
+@pytest.mark.distributed
+def test_zero2_two_processes_match_one(tmp_path, tiny_model_dir):
+    """REDI under DeepSpeed ZeRO-2 (launch/zero2.yaml, 2 processes over gloo): one optimizer step of
+    2 micro-batches per rank equals the 1-process step (loss, gradient norm, updated weights)."""
+    from tests.test_deepspeed import cpu_config, launch_deepspeed
+
+    pairs = str(_pairs_file(tmp_path))
+    launch_deepspeed(cpu_config(tmp_path, "zero2"), 29533,
+                     [str(Path(__file__)), tiny_model_dir, pairs, str(tmp_path / "two.json"), "step"])
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world"] == 2
+
+    recipe = _recipe(tiny_model_dir, tmp_path / "one", micro_batch_size=1, lr=1e-2, warmup_ratio=0.0)
+    trainer = RediTrainer(recipe, tiny_model_dir, read_redi_table(pairs))
+    before = torch.tensor(_flat_weights(trainer.model.state_dict()))
+    one = trainer.optimize([0, 1, 2, 3])
+    after = torch.tensor(_flat_weights(trainer.model.state_dict()))
+    assert abs(one["loss"] - two["loss"]) < 1e-6
+    assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]
+    assert float((after - before).abs().max()) > 1e-3  # the step moved the weights
+    assert float((after - torch.tensor(two["weights"])).abs().max()) < 1e-5
+
+
+if __name__ == "__main__":  # the 2-process worker (test_ddp_two_processes_match_one, test_zero2_...)
     import sys
 
     _ddp_worker(*sys.argv[1:])

@@ -23,7 +23,6 @@ renamed.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -46,8 +45,9 @@ from rltk.data.loaders import DataError
 from rltk.data.pairs import read_rows
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
-from rltk.trainer.logprobs import TokenBatch, forward_logps
+from rltk.trainer.distributed import accelerator_handlers, configure_deepspeed, micro_batch_sync
 from rltk.trainer.guard import NonFiniteGuard
+from rltk.trainer.logprobs import TokenBatch, forward_logps
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,8 @@ class RediTrainer:
         self.recipe, self.cfg = recipe, recipe.redi
         self.out = Path(recipe.trainer.output_dir)
         self.accelerator = accelerator or Accelerator(
-            log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False)
+            log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
+            kwargs_handlers=accelerator_handlers())
         if self.accelerator.is_main_process:
             check_writable(self.out)
         set_seed(recipe.trainer.seed)
@@ -244,6 +245,7 @@ class RediTrainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_training_steps=self.total_steps,
                                   num_warmup_steps=math.ceil(cfg.warmup_ratio * self.total_steps))
+        configure_deepspeed(self.accelerator, self.micro_batch_size, t.max_grad_norm)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, scheduler)
 
     # ------------------------------------------------------------------ batches
@@ -272,24 +274,19 @@ class RediTrainer:
         chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
         loss_total = torch.zeros((), dtype=torch.float64)
         sums = torch.zeros(6, dtype=torch.float64)  # pos sum, pos count, neg sum, neg count, tokens, rows
-        try:
-            for i, chunk in enumerate(chunks):
-                last = i == len(chunks) - 1
-                acc.sync_gradients = last  # the DeepSpeed accumulation boundary; DDP syncs via no_sync
-                with contextlib.nullcontext() if last else acc.no_sync(self.model):
-                    batch, labels = collate(chunk, self.data.fmt, self.tokenizer.pad_token_id)
-                    logps = forward_logps(self.model, batch).logps
-                    mask = batch.completion_mask.to(logps.device)
-                    share = len(chunk) / global_rows
-                    loss = batch_loss(logps, mask, labels, self.data.fmt, cfg.alpha, cfg.reduction) * share * world
-                    acc.backward(loss)
-                loss_total += loss.detach().double().cpu() / world
-                norm = normalized_logp(logps.detach(), mask).double().cpu()
-                sums += torch.tensor([float(norm[labels].sum()), float(labels.sum()), float(norm[~labels].sum()),
-                                      float((~labels).sum()), float(mask.sum()), float(len(chunk))],
-                                     dtype=torch.float64)
-        finally:
-            acc.sync_gradients = True
+        for i, chunk in enumerate(chunks):
+            with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
+                batch, labels = collate(chunk, self.data.fmt, self.tokenizer.pad_token_id)
+                logps = forward_logps(self.model, batch).logps
+                mask = batch.completion_mask.to(logps.device)
+                share = len(chunk) / global_rows
+                loss = batch_loss(logps, mask, labels, self.data.fmt, cfg.alpha, cfg.reduction) * share * world
+                acc.backward(loss)
+            loss_total += loss.detach().double().cpu() / world
+            norm = normalized_logp(logps.detach(), mask).double().cpu()
+            sums += torch.tensor([float(norm[labels].sum()), float(labels.sum()), float(norm[~labels].sum()),
+                                  float((~labels).sum()), float(mask.sum()), float(len(chunk))],
+                                 dtype=torch.float64)
         totals = acc.reduce(torch.cat([loss_total.view(1), sums]).to(acc.device), "sum").tolist()
         pos = totals[1] / max(totals[2], 1.0)
         neg = totals[3] / max(totals[4], 1.0)
