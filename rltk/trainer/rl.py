@@ -371,7 +371,7 @@ class RLTrainer:
         mask_all = batch.rollouts.completion_mask * batch.advantages.kept().float().unsqueeze(-1)
         step_mask = mask_all[rows]
         local = self.pipeline.normalizer(step_mask, self.recipe.rollout.max_new_tokens)
-        normalizer = float(acc.reduce(torch.tensor(local, dtype=torch.float64, device=acc.device), "sum"))
+        normalizer = self._reduce_sum(local)
         pg_coef = self.recipe.algorithm.pg_coef
         use_pg = pg_coef > 0 and normalizer > 0
         plan = None if self.paced is None else self.paced.plan(batch.rollouts, rows, self.step, self._reduce_sum)
