@@ -178,7 +178,8 @@ class AlgorithmConfig:
 class TeacherConfig:
     """The teacher of ``algorithm.paced``: a separate frozen model, or the student itself reading
     a privileged prompt that holds the gold solution (self-distillation). It must share the
-    student's tokenizer; loaded once, in eval mode, on the training device."""
+    student's tokenizer; loaded once, in eval mode, placed like the reference model (sharded under
+    ZeRO-3)."""
 
     name_or_path: Union[str, None] = None  # HF id or local directory of a separate teacher
     privileged: bool = False  # teacher = the current student, prompted with privileged_template

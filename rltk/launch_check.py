@@ -11,8 +11,8 @@ Any accelerate YAML is read (``distributed_type``, ``num_processes``, ``num_mach
 ``deepspeed_config`` with ``zero_stage`` / ``offload_*_device`` or a ``deepspeed_config_file``).
 Model sizes and contexts come from a small table of the models the recipes use, a local
 ``config.json``, or the built-in tiny model; for other models those checks are skipped and the
-summary says so. The memory check is a lower bound (weights, gradients, optimizer states, a
-reference model, vLLM's reserved share; activations are not counted), so exceeding it is a
+summary says so. The memory check is a lower bound (weights, gradients, optimizer states, the
+reference and teacher models, vLLM's reserved share; activations are not counted), so exceeding it is a
 certain out-of-memory, and passing it is not a promise.
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ KNOWN_MODELS: dict[str, tuple[float, int]] = {
     "Qwen/Qwen2.5-Math-7B": (7.62e9, 4096),
     "Qwen/Qwen2.5-Math-1.5B-Instruct": (1.54e9, 4096),
     "Qwen/Qwen2.5-Math-7B-Instruct": (7.62e9, 4096),
+    "Qwen/Qwen2.5-Math-72B-Instruct": (72.7e9, 4096),
     "Qwen/Qwen2.5-1.5B-Instruct": (1.54e9, 32768),
     "Qwen/Qwen2.5-7B-Instruct": (7.62e9, 32768),
     "Qwen/Qwen3-4B": (4.02e9, 40960),
@@ -171,9 +172,6 @@ def _check_parallelism(recipe: Recipe, layout: LaunchLayout, world: int, server:
     if m.lora is not None and m.lora.load_in_4bit and stage == 3:
         raise ConfigError("model.lora.load_in_4bit (QLoRA) cannot be sharded by ZeRO-3 here; use a ZeRO-2 or DDP "
                           "launch config, or drop load_in_4bit")
-    if recipe.algorithm.paced is not None and stage == 3:
-        raise ConfigError("algorithm.paced does not run under DeepSpeed ZeRO-3 yet (its chunked KL reads both LM "
-                          "heads whole); use launch/zero2.yaml or ddp.yaml")
     lines = [f"launch: {layout.path} ({layout.distributed_type}"
              + (f", ZeRO-{stage}" if stage is not None else "")
              + (", optimizer offload" if layout.offload_optimizer else "")
@@ -216,8 +214,10 @@ def _check_lengths(recipe: Recipe, context: int | None) -> list[str]:
 
 
 def memory_lower_bound(recipe: Recipe, layout: LaunchLayout, world: int, params: float) -> dict[str, float]:
-    """Bytes per training GPU that cannot be avoided: weights, gradients, optimizer, ref model, vLLM."""
-    m, wb = recipe.model, 4 if recipe.model.dtype == "float32" else 2
+    """Bytes per training GPU that cannot be avoided: weights, gradients, optimizer, the frozen
+    reference and teacher models (whole on every process, sharded under ZeRO-3:
+    :func:`rltk.trainer.distributed.prepare_frozen`; a teacher of unknown size is not counted)."""
+    m, wb = recipe.model, _bytes_per_weight(recipe.model.dtype)
     stage, n = layout.zero_stage, world
     parts: dict[str, float] = {}
     shard_w = n if stage == 3 else 1
@@ -231,10 +231,16 @@ def memory_lower_bound(recipe: Recipe, layout: LaunchLayout, world: int, params:
         parts["optimizer"] = 0.0 if layout.offload_optimizer else 12 * params / n
     from rltk.algos.pipeline import AlgorithmPipeline
 
-    a = recipe.algorithm
+    a, teacher = recipe.algorithm, recipe.teacher
     if "ref_logps" in AlgorithmPipeline(a.advantage, a.loss, a.aggregation, a.terms).needs() and m.lora is None:
-        parts["reference model"] = wb * params  # loaded whole on every process
+        parts["reference model"] = wb * params / shard_w
+    if a.paced is not None and teacher.name_or_path in KNOWN_MODELS:
+        parts["teacher model"] = _bytes_per_weight(teacher.dtype) * KNOWN_MODELS[teacher.name_or_path][0] / shard_w
     return parts
+
+
+def _bytes_per_weight(dtype: str) -> int:
+    return 4 if dtype == "float32" else 2
 
 
 def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, params: float | None,

@@ -57,13 +57,19 @@ def launch_single(port: int, script: list[str]) -> None:
           f"--master_port={port}", *script], _env(port, ACCELERATE_USE_CPU="true"))
 
 
-def _step_recipe(tmp_path: Path, model_dir: str, name: str, lora: bool) -> Path:
+def _step_recipe(tmp_path: Path, model_dir: str, name: str, lora: bool, teacher: dict | None = None) -> Path:
     # 4 prompts × 4 samples: 8 completions per rank in 2 micro-batches of 4; a small clip so it acts;
-    # a KL term so the reference model (a separate frozen model, or the adapter disabled) is used
+    # a KL term so the reference model (a separate frozen model, or the adapter disabled) is used;
+    # with ``teacher``, PACED (reverse KL) on top of the policy loss
     model = {"name_or_path": model_dir, **({"lora": LORA} if lora else {})}
+    algorithm = {"terms": [{"name": "kl", "coef": 0.1}]}
+    if teacher is not None:
+        algorithm["paced"] = {"schedule": "reverse", "coef": 0.5}
     data = small_recipe_data(model_dir, tmp_path / name, model=model,
                              trainer={"prompts_per_step": 4, "micro_batch_size": 4, "max_grad_norm": 0.05},
-                             algorithm={"terms": [{"name": "kl", "coef": 0.1}]})
+                             algorithm=algorithm)
+    if teacher is not None:
+        data["teacher"] = teacher
     path = tmp_path / f"{name}.json"
     path.write_text(json.dumps(data))
     return path
@@ -170,3 +176,31 @@ def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir):
     assert result["final_checkpoint"].endswith("step-000001")
     assert (tmp_path / "run/checkpoints/step-000001/state/pytorch_model").is_dir()  # DeepSpeed state
     assert 1 in _by_step(tmp_path / "run")
+
+
+PASS_PATTERN = json.dumps([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])  # p = 0.25, 0.5, 0.75, 0
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("config,zero,privileged,port", [("zero2", 2, False, 29651), ("zero3", 3, False, 29655),
+                                                         ("zero3", 3, True, 29659)],
+                         ids=["zero2_teacher_model", "zero3_teacher_model", "zero3_privileged"])
+def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, config, zero, privileged, port):
+    """PACED under DeepSpeed: the teacher is a frozen engine (whole under ZeRO-2, sharded under
+    ZeRO-3) or the student reading the solution; under ZeRO-3 both LM heads are gathered around the
+    chunked KL's forward and backward. The step (policy loss + PACED, Σw over both ranks) equals
+    the 1-process step."""
+    from rltk.config import TinyModelConfig
+    from rltk.models import build_tiny_model
+
+    if privileged:
+        teacher = {"privileged": True}
+    else:
+        cfg = TinyModelConfig(hidden_size=64, num_heads=2, seed=1)
+        teacher = {"name_or_path": str(build_tiny_model(tmp_path / "teacher", cfg))}
+    recipe = _step_recipe(tmp_path, tiny_model_dir, "paced", False, teacher)
+    launch_single(port, [str(WORKER), str(recipe), str(tmp_path / "one.json"), "step", PASS_PATTERN])
+    launch_deepspeed(cpu_config(tmp_path, config), port + 2,
+                     [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step", PASS_PATTERN])
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    _compare(one, two, zero)

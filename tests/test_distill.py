@@ -1,6 +1,8 @@
 """REDI (ALGORITHMS.md §6; arXiv 2505.24850) and PACED (§7; arXiv 2603.11178)."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -327,6 +329,34 @@ def test_linear_kl_frozen_head_and_identical_models():
     assert torch.allclose(kl, torch.zeros(6, dtype=torch.float64), atol=1e-12)
     kl.sum().backward()
     assert h_s.grad is not None and w_s.grad is None
+
+
+def test_linear_kl_leading_rows_and_gather_entered_in_forward_and_backward():
+    """``vocab`` takes the leading rows of heads padded differently (as Qwen2.5 1.5B vs 7B); the
+    weights are read only inside ``gather`` (ZeRO-3), entered once for forward, once for backward."""
+    h_s, w_s, h_t, w_t = _heads(7)
+    padded_s = torch.cat([w_s, torch.randn(3, w_s.shape[1], dtype=w_s.dtype)]).requires_grad_(True)
+    padded_t = torch.cat([w_t, torch.randn(9, w_t.shape[1], dtype=w_t.dtype)])
+    plain = w_s.clone().requires_grad_(True)
+    entered = []
+
+    @contextlib.contextmanager
+    def gather():
+        entered.append("in")
+        yield
+        entered.append("out")
+
+    kl = linear_kl(h_s, padded_s, h_t, padded_t, direction="reverse", chunk_size=8, vocab=41, gather=gather)
+    assert entered == ["in", "out"]
+    expected = linear_kl(h_s, plain, h_t, w_t, direction="reverse", chunk_size=8)
+    assert torch.allclose(kl, expected, atol=1e-12)
+    kl.sum().backward()
+    expected.sum().backward()
+    assert entered == ["in", "out", "in", "out"]
+    assert torch.allclose(padded_s.grad[:41], plain.grad, atol=1e-12)
+    assert torch.equal(padded_s.grad[41:], torch.zeros(3, w_s.shape[1], dtype=w_s.dtype))
+    with pytest.raises(StageError, match="vocab 42 is not within both heads"):
+        linear_kl(h_s, w_s, h_t, padded_t, vocab=42)
 
 
 def test_linear_kl_errors():

@@ -128,8 +128,6 @@ def test_zero_and_offload_rules(tmp_path):
         _check(tmp_path, launch=bad)
     with pytest.raises(ConfigError, match=r"model.lora.load_in_4bit \(QLoRA\) cannot be sharded by ZeRO-3"):
         _check(tmp_path, ["model.lora={r: 8, load_in_4bit: true}"], launch=zero3)
-    with pytest.raises(ConfigError, match="algorithm.paced does not run under DeepSpeed ZeRO-3"):
-        check_recipe_file(ROOT / "recipes" / "qwen2.5-math-1.5b" / "paced.yaml", launch=str(ROOT / "launch" / "zero3.yaml"))
 
 
 def test_launch_config_errors(tmp_path):
@@ -182,3 +180,17 @@ def test_vllm_server_script_refuses_a_layout_without_training_gpus(tmp_path):
     proc = subprocess.run(["bash", str(SCRIPT), "recipe.yaml"], capture_output=True, text=True,
                           env={"PATH": "/usr/bin:/bin", "NUM_GPUS": "1", "MODEL": "m", "TP": "1"}, cwd=tmp_path)
     assert proc.returncode == 2 and "none is left for training" in proc.stderr
+
+
+def test_frozen_models_count_whole_per_process_and_sharded_under_zero3():
+    """The PACED teacher (and the reference model) are whole on every process except under ZeRO-3,
+    where prepare_frozen shards them: 72.7e9 bf16 weights = 135.4 GiB whole, 16.9 GiB per GPU of 8."""
+    paced_7b = ROOT / "recipes" / "qwen2.5-math-7b" / "paced.yaml"
+    memory = [line for line in check_recipe_file(paced_7b) if line.startswith("memory: ")][0]
+    assert "teacher model 16.9," in memory
+    with pytest.raises(ConfigError, match=r"teacher model 135\.4, .* exceeds 80 GiB"):
+        check_recipe_file(paced_7b, launch=str(ROOT / "launch" / "zero2.yaml"))
+    lines = check_recipe_file(ROOT / "recipes" / "qwen2.5-math-1.5b" / "paced.yaml", launch=str(ROOT / "launch" / "zero3.yaml"))
+    assert "teacher model 1.8," in [line for line in lines if line.startswith("memory: ")][0]  # 7.62e9 × 2 / 8
+    reference = check_recipe_file(ROOT / "recipes" / "qwen2.5-math-7b" / "grpo.yaml", ["algorithm.terms=[{name: kl, coef: 0.01}]"])
+    assert "reference model 1.8," in [line for line in reference if line.startswith("memory: ")][0]

@@ -19,7 +19,8 @@ constants: no gradient flows to them. Computation is in float32 (or the inputs' 
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, ContextManager
 
 import torch
 from torch import Tensor
@@ -157,40 +158,63 @@ def chunked_kl(
 
 
 class _LinearKL(torch.autograd.Function):
-    """KL per row of ``h_s @ W_sᵀ`` against ``h_t @ W_tᵀ``; each chunk's logits are recomputed in
-    backward. Gradients flow to ``h_s`` and ``W_s`` only."""
+    """KL per row of ``h_s @ W_s[:vocab]ᵀ`` against ``h_t @ W_t[:vocab]ᵀ``; each chunk's logits are
+    recomputed in backward. Gradients flow to ``h_s`` and ``W_s`` only.
+
+    The weights are read only inside ``gather()``, entered once in forward and once in backward
+    (under ZeRO-3 it makes the sharded heads whole on every rank for that time only), so they are
+    kept on ``ctx`` as the parameters themselves rather than saved tensors: a saved tensor would
+    hold the whole head from forward to backward, or go stale when ZeRO-3 re-shards it."""
 
     @staticmethod
-    def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, direction: str, chunk_size: int) -> Tensor:
+    def forward(ctx, h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, vocab: int | None, direction: str,
+                chunk_size: int, gather: Callable[[], ContextManager]) -> Tensor:
         dtype = torch.promote_types(h_s.dtype, torch.float32)
         hs, ht = h_s.to(dtype), h_t.to(dtype)
+        with gather():
+            vocab = _shared_rows(w_s, w_t, vocab)
 
-        def logits(part):
-            return hs @ w_s[part].to(dtype).T, ht @ w_t[part].to(dtype).T
+            def logits(part):
+                return hs @ w_s[part].to(dtype).T, ht @ w_t[part].to(device=ht.device, dtype=dtype).T
 
-        kl, lse_s, lse_t = _kl_forward(logits, h_s.shape[0], w_s.shape[0], direction, chunk_size, dtype, h_s.device)
-        ctx.save_for_backward(h_s, w_s, h_t, w_t, lse_s, lse_t, kl)
-        ctx.direction, ctx.chunk_size = direction, chunk_size
+            kl, lse_s, lse_t = _kl_forward(logits, h_s.shape[0], vocab, direction, chunk_size, dtype, h_s.device)
+        ctx.save_for_backward(h_s, h_t, lse_s, lse_t, kl)
+        ctx.weights, ctx.gather = (w_s, w_t), gather
+        ctx.vocab, ctx.direction, ctx.chunk_size = vocab, direction, chunk_size
         return kl
 
     @staticmethod
     def backward(ctx, grad_kl: Tensor):
-        h_s, w_s, h_t, w_t, lse_s, lse_t, kl = ctx.saved_tensors
+        h_s, h_t, lse_s, lse_t, kl = ctx.saved_tensors
+        w_s, w_t = ctx.weights
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if not (need_h or need_w):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
         dtype = kl.dtype
         hs, ht, g = h_s.to(dtype), h_t.to(dtype), grad_kl.to(dtype)
         grad_h = torch.zeros_like(hs) if need_h else None
-        grad_w = torch.empty_like(w_s) if need_w else None
-        for part in _chunks(w_s.shape[0], ctx.chunk_size):
-            ws = w_s[part].to(dtype)
-            d = _logit_grad(hs @ ws.T, ht @ w_t[part].to(dtype).T, lse_s, lse_t, kl, g, ctx.direction)
-            if need_h:
-                grad_h += d @ ws
-            if need_w:
-                grad_w[part] = (d.T @ hs).to(grad_w.dtype)
-        return (None if grad_h is None else grad_h.to(h_s.dtype)), grad_w, None, None, None, None
+        with ctx.gather():
+            grad_w = torch.zeros_like(w_s) if need_w else None  # rows past ``vocab`` get no gradient
+            for part in _chunks(ctx.vocab, ctx.chunk_size):
+                ws = w_s[part].to(dtype)
+                d = _logit_grad(hs @ ws.T, ht @ w_t[part].to(device=ht.device, dtype=dtype).T, lse_s, lse_t, kl, g,
+                                ctx.direction)
+                if need_h:
+                    grad_h += d @ ws
+                if need_w:
+                    grad_w[part] = (d.T @ hs).to(grad_w.dtype)
+        return (None if grad_h is None else grad_h.to(h_s.dtype)), grad_w, None, None, None, None, None, None
+
+
+def _shared_rows(w_s: Tensor, w_t: Tensor, vocab: int | None) -> int:
+    """The vocabulary rows the KL runs over: ``vocab`` leading rows of both heads, or all of them."""
+    if vocab is None:
+        if w_s.shape[0] != w_t.shape[0]:
+            raise StageError(f"linear_kl: student vocabulary {w_s.shape[0]} != teacher vocabulary {w_t.shape[0]}")
+        return w_s.shape[0]
+    if not 0 < vocab <= min(w_s.shape[0], w_t.shape[0]):
+        raise StageError(f"linear_kl: vocab {vocab} is not within both heads ({w_s.shape[0]} and {w_t.shape[0]} rows)")
+    return vocab
 
 
 def linear_kl(
@@ -201,26 +225,28 @@ def linear_kl(
     mask: Tensor | None = None,
     direction: str = "forward",
     chunk_size: int = 4096,
+    vocab: int | None = None,
+    gather: Callable[[], ContextManager] | None = None,
 ) -> Tensor:
-    """Token-level full-vocabulary KL ``[...]`` of the distributions softmax(h @ Wᵀ).
+    """Token-level full-vocabulary KL ``[...]`` of the distributions softmax(h @ W[:vocab]ᵀ).
 
     ``student_hidden`` ``[..., H_s]`` and ``teacher_hidden`` ``[..., H_t]`` are final (post-norm)
-    hidden states at the same positions; the weights are the LM heads ``[V, H]`` (the vocabulary is
-    the first V rows of both: pass equal-length slices). Memory beyond the inputs and the weight
-    gradient is O(rows · chunk_size): neither model's ``[rows, V]`` logits are built. Gradients
-    flow to the student's hidden states and weight; teacher tensors are constants.
+    hidden states at the same positions; the weights are the LM heads ``[V, H]``, of which the
+    first ``vocab`` rows are the vocabulary (default: all rows, which must then agree in number).
+    ``gather`` is a context factory under which both weights are whole (ZeRO-3's
+    :func:`rltk.trainer.distributed.gathered`), entered in forward and again in backward; default:
+    they are whole already. Memory beyond the inputs and the weight gradient is O(rows ·
+    chunk_size): neither model's ``[rows, V]`` logits are built. Gradients flow to the student's
+    hidden states and weight; teacher tensors are constants.
     """
     _check(direction, chunk_size, "linear_kl")
-    if student_weight.shape[0] != teacher_weight.shape[0]:
-        raise StageError(f"linear_kl: student vocabulary {student_weight.shape[0]} != teacher vocabulary "
-                         f"{teacher_weight.shape[0]}")
     if student_hidden.shape[:-1] != teacher_hidden.shape[:-1]:
         raise StageError(f"linear_kl: student positions {tuple(student_hidden.shape[:-1])} and teacher "
                          f"positions {tuple(teacher_hidden.shape[:-1])} differ")
     lead = student_hidden.shape[:-1]
     kl = _LinearKL.apply(student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight,
-                         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight.detach(),
-                         direction, chunk_size).reshape(lead)
+                         teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1]), teacher_weight, vocab,
+                         direction, chunk_size, gather or contextlib.nullcontext).reshape(lead)
     if mask is not None:
         kl = kl * mask.to(kl.dtype)
     return kl

@@ -127,6 +127,25 @@ def prepare_frozen(model: torch.nn.Module, accelerator) -> torch.nn.Module:
     return prepare_deepspeed(model, accelerator)
 
 
+def whole_shape(param: torch.Tensor) -> torch.Size:
+    """A parameter's whole shape: under ZeRO-3 a rank holds an empty placeholder between uses and
+    DeepSpeed keeps the real shape in ``ds_shape``."""
+    return getattr(param, "ds_shape", param.shape)
+
+
+def gathered(*params: torch.Tensor) -> Callable[[], contextlib.AbstractContextManager]:
+    """A context factory under which ``params`` are whole on every rank: for ZeRO-3 partitioned
+    ones a ``deepspeed.zero.GatheredParameters`` (read-only, re-sharded on exit; entering and leaving
+    are collective, so every rank must use it the same number of times); a no-op for others. A
+    parameter passed twice (a privileged teacher is the student) is gathered once."""
+    partitioned = list({id(p): p for p in params if hasattr(p, "ds_id")}.values())
+    if not partitioned:
+        return contextlib.nullcontext
+    import deepspeed
+
+    return lambda: deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+
+
 @contextlib.contextmanager
 def generation_model(accelerator, model) -> Iterator[torch.nn.Module]:
     """The unwrapped policy for ``generate``. Under ZeRO-3 its parameters are gathered on every rank

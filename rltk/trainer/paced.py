@@ -22,6 +22,7 @@ from rltk.algos.chunked_kl import linear_kl
 from rltk.algos.distill import paced_schedule, paced_weights
 from rltk.algos.types import Rollouts
 from rltk.config import PacedConfig, Recipe
+from rltk.trainer.distributed import gathered
 from rltk.trainer.logprobs import TokenBatch
 from rltk.trainer.teacher import Teacher, shared_vocabulary
 
@@ -77,9 +78,9 @@ class PacedObjective:
         student_weight = student.get_output_embeddings().weight
         vocab = shared_vocabulary(student_weight, teacher_weight, len(self.teacher.tokenizer))
         mask = mask.to(student_hidden.device)
-        token_kl = linear_kl(student_hidden, student_weight[:vocab], teacher_hidden.to(student_hidden.device),
-                             teacher_weight[:vocab].to(student_hidden.device), mask, plan.direction,
-                             self.cfg.chunk_size)
+        token_kl = linear_kl(student_hidden, student_weight, teacher_hidden.to(student_hidden.device), teacher_weight,
+                             mask, plan.direction, self.cfg.chunk_size, vocab=vocab,
+                             gather=gathered(student_weight, teacher_weight))
         per_sequence = token_kl.sum(-1) / mask.sum(-1).clamp(min=1)
         coef = (weights / plan.total).to(device=per_sequence.device, dtype=per_sequence.dtype)
         return self.cfg.coef * (coef * per_sequence).sum(), token_kl.detach()
@@ -95,9 +96,10 @@ class PacedObjective:
         return metrics
 
 
-def make_paced(recipe: Recipe, student_tokenizer, device: torch.device) -> PacedObjective | None:
-    """The recipe's PACED objective with its teacher loaded, or ``None`` without ``algorithm.paced``."""
+def make_paced(recipe: Recipe, student_tokenizer, accelerator) -> PacedObjective | None:
+    """The recipe's PACED objective with its teacher loaded and placed by ``accelerator`` (call
+    after the student is prepared), or ``None`` without ``algorithm.paced``."""
     if recipe.algorithm.paced is None:
         return None
-    teacher = Teacher(recipe.teacher, student_tokenizer, device, recipe.data.answer_template)
+    teacher = Teacher(recipe.teacher, student_tokenizer, accelerator, recipe.data.answer_template)
     return PacedObjective(recipe.algorithm.paced, teacher)

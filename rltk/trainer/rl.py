@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from collections import defaultdict
@@ -36,7 +35,7 @@ from rltk.rollout.factory import make_engine, require_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.checkpoint import latest_checkpoint, push_to_hub, save_checkpoint
 from rltk.trainer.distributed import (accelerator_handlers, attach_generation, configure_deepspeed,
-                                      generation_session, is_zero3, micro_batch_sync, prepare_frozen)
+                                      generation_session, micro_batch_sync, prepare_frozen)
 from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (TrainingError re-exported)
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
@@ -75,10 +74,7 @@ class RLTrainer:
         self.needs |= self.correction.needs()
         self._check_layout()
         self._setup_model(policy_path or resolve_model_path(recipe.model, self.out))
-        if recipe.algorithm.paced is not None and is_zero3(self.accelerator):
-            raise ConfigError("algorithm.paced does not run under DeepSpeed ZeRO-3 yet (its chunked KL reads both LM "
-                              "heads whole); use launch/zero2.yaml or ddp.yaml")
-        self.paced = make_paced(recipe, self.tokenizer, self.accelerator.device)  # PACED distillation, or None
+        self.paced = make_paced(recipe, self.tokenizer, self.accelerator)  # PACED distillation, or None
         self._setup_data()
         self.sampler = self._make_sampler()
         if getattr(self.sampler, "provides_roles", False) and (t.prompts_per_step // t.mini_batches

@@ -4,7 +4,8 @@ or the student itself reading a privileged prompt that holds the gold solution.
 The teacher reads the student's completion tokens after its own prompt (the student's prompt, or
 the privileged one) and returns its final hidden states at the positions that predict each
 completion token, with its LM head; :func:`rltk.algos.chunked_kl.linear_kl` turns those into the
-token-level full-vocabulary KL without building either model's logits.
+token-level full-vocabulary KL without building either model's logits. A separate teacher is placed
+like the reference model (:func:`rltk.trainer.distributed.prepare_frozen`: sharded under ZeRO-3).
 """
 from __future__ import annotations
 
@@ -16,19 +17,21 @@ from torch import Tensor
 from rltk.config import ConfigError, ModelConfig, TeacherConfig
 from rltk.data.loaders import Example
 from rltk.rollout.base import pad_left
+from rltk.trainer.distributed import prepare_frozen, whole_shape
 from rltk.trainer.logprobs import TokenBatch
 
 
 class Teacher:
-    """Loaded once, frozen, in eval mode, on ``device``; ``None`` model = the privileged student."""
+    """Loaded once, frozen, in eval mode, placed by ``accelerator`` (after the student is prepared);
+    ``None`` model = the privileged student."""
 
-    def __init__(self, cfg: TeacherConfig, student_tokenizer, device: torch.device, answer_template: str):
+    def __init__(self, cfg: TeacherConfig, student_tokenizer, accelerator, answer_template: str):
         self.cfg = cfg
         self.tokenizer = student_tokenizer
         self.answer_template = answer_template
         self.model = None
         if cfg.name_or_path:
-            self.model = _load_teacher(cfg, student_tokenizer).to(device)
+            self.model = prepare_frozen(_load_teacher(cfg, student_tokenizer), accelerator)
 
     def prompts(self, examples: Sequence[Example], prompts: Sequence[str]) -> list[str] | None:
         """The teacher's prompt text per example: the privileged one, or ``None`` (the student's)."""
@@ -53,18 +56,42 @@ class Teacher:
 
     @torch.no_grad()
     def hidden(self, student: torch.nn.Module, batch: TokenBatch) -> tuple[Tensor, Tensor]:
-        """Final hidden states ``[N, T, H]`` predicting each completion token, and the LM head
-        ``[V, H]``, of the teacher (``student`` itself, without gradient, when privileged)."""
+        """Final hidden states ``[N, T, H]`` predicting each completion token, and the LM-head
+        weight ``[V, H]`` (the parameter itself: under ZeRO-3 a shard, see
+        :func:`rltk.trainer.distributed.gathered`), of the teacher (``student`` itself, without
+        gradient, when privileged). The whole model is called (a ZeRO-3 engine's hooks need that)
+        with its LM head on the last position only; the decoder's output is taken by a hook, so no
+        per-layer hidden states are kept."""
         model = self.model if self.model is not None else student
-        device = next(model.parameters()).device
+        module = getattr(model, "module", model)  # a DeepSpeed engine wraps the teacher
+        device = next(module.parameters()).device
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
         attention = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).to(device)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids,
-                    output_hidden_states=True, use_cache=False, logits_to_keep=1)
+        final = _FinalHidden(module.get_decoder())
+        with final:
+            model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
+                  logits_to_keep=1)
         start, length = batch.prompt_ids.shape[1] - 1, batch.completion_ids.shape[1]
-        hidden = out.hidden_states[-1][:, start : start + length]
-        return hidden, model.get_output_embeddings().weight.detach()
+        return final.value[:, start : start + length], module.get_output_embeddings().weight
+
+
+class _FinalHidden:
+    """While entered, records the decoder's output (the final, post-norm hidden states) of each call."""
+
+    def __init__(self, decoder: torch.nn.Module):
+        self.decoder = decoder
+        self.value: Tensor | None = None
+
+    def _record(self, _module, _inputs, output) -> None:
+        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def __enter__(self) -> "_FinalHidden":
+        self.handle = self.decoder.register_forward_hook(self._record)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.handle.remove()
 
 
 def _load_teacher(cfg: TeacherConfig, student_tokenizer):
@@ -85,8 +112,9 @@ def _load_teacher(cfg: TeacherConfig, student_tokenizer):
 def shared_vocabulary(student_weight: Tensor, teacher_weight: Tensor, num_tokens: int) -> int:
     """Rows of both LM heads the KL runs over: the common leading rows, which must cover every token
     (Qwen2.5 heads are padded past the tokenizer differently by size: 151,936 vs 152,064 rows)."""
-    rows = min(student_weight.shape[0], teacher_weight.shape[0])
+    student_rows, teacher_rows = whole_shape(student_weight)[0], whole_shape(teacher_weight)[0]
+    rows = min(student_rows, teacher_rows)
     if rows < num_tokens:
-        raise ConfigError(f"teacher.name_or_path: the LM heads have {student_weight.shape[0]} (student) and "
-                          f"{teacher_weight.shape[0]} (teacher) rows, fewer than the tokenizer's {num_tokens} tokens")
+        raise ConfigError(f"teacher.name_or_path: the LM heads have {student_rows} (student) and {teacher_rows} "
+                          f"(teacher) rows, fewer than the tokenizer's {num_tokens} tokens")
     return rows

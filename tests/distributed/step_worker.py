@@ -36,8 +36,6 @@ def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | Non
             full = trainer.rollout_batch(list(range(recipe.trainer.prompts_per_step)), first_group=0)
         if correct is not None:
             full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
-        if correct is not None:
-            full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
         group = recipe.rollout.group_size
         per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
         rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
