@@ -8,7 +8,8 @@ elsewhere, by math-verify inside killable worker processes (:mod:`rewards.pool`)
   pick the last box ourselves because math-verify merges several boxes that stand close together
   into a set (``\\boxed{1} no \\boxed{2}`` -> {1, 2}; ALGORITHMS.md §9.1).
 - :func:`clean_answer`: cosmetic clean-up, safe to hand to math-verify (it fixes inputs math-verify
-  misreads: ``3.`` fails to parse, ``1\\,000`` reads as ``1*0``, ``1 000`` as ``1*0``).
+  misreads: ``3.`` fails to parse, ``1\\,000`` reads as ``1*0``, ``1 000`` as ``1*0``; invisible
+  format characters, fullwidth forms and non-ASCII decimal digits fail to parse).
 - :func:`normalize_answer`: the fast-path key; two answers with equal keys are equivalent.
 
 Thousands separators: an answer that is *entirely* one number written with groups of three digits
@@ -21,6 +22,7 @@ math-verify).
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 
 __all__ = ["Box", "clean_answer", "completion_text", "find_boxes", "last_boxed", "normalize_answer"]
@@ -104,15 +106,46 @@ _THOUSANDS_SEP = re.compile(r",|\s+")
 _LOOSE_SPACE = re.compile(r"\s+(?![A-Za-z0-9])|(?<![A-Za-z0-9])\s+")
 
 
+class _UnicodeFold(dict):
+    """A ``str.translate`` table filled on first sight of each character: format characters
+    (category Cf: zero-width spaces, bidi controls, the BOM, soft hyphens) are dropped, fullwidth
+    ASCII forms (U+FF01-U+FF5E) become ASCII, and every decimal digit (category Nd: Arabic-Indic,
+    Devanagari, ...) becomes its ASCII digit. Other characters, superscripts (``x²``) and vulgar
+    fractions included, are kept: folding them would change what the answer says. At most
+    ``LIMIT`` characters are remembered, so a completion of every code point cannot grow it."""
+
+    LIMIT = 4096
+
+    def __missing__(self, code: int) -> int | None:
+        char = chr(code)
+        category = unicodedata.category(char)
+        if category == "Cf":
+            value = None
+        elif 0xFF01 <= code <= 0xFF5E:
+            value = code - 0xFEE0
+        elif category == "Nd":
+            value = ord("0") + unicodedata.decimal(char)
+        else:
+            value = code
+        if len(self) < self.LIMIT:
+            self[code] = value
+        return value
+
+
+_FOLD = _UnicodeFold()
+
+
 def clean_answer(s: str) -> str:
     """Cosmetic clean-up of an extracted answer, kept readable by math-verify.
 
-    Drops ``$`` and ``\\$``, ``\\left``/``\\right``/``\\displaystyle``, spacing commands (``\\,``
+    Folds Unicode first (:class:`_UnicodeFold`: ``\u200b5`` and ``５`` are ``5``), then drops ``$`` and ``\\$``, ``\\left``/``\\right``/``\\displaystyle``, spacing commands (``\\,``
     ``\\!`` ``\\;`` ``\\quad`` ``~``) and trailing periods; ``\\dfrac``/``\\tfrac`` become
     ``\\frac``; a whole-answer number with thousands separators becomes plain digits (module
     docstring); whitespace is removed except one space between two letters/digits (``\\pi r`` is
     not ``\\pir``, and math-verify reads ``1 2`` as 3, so ``1 2`` must not become ``12``).
     """
+    if not s.isascii():
+        s = s.translate(_FOLD)
     for pattern, repl in _CLEAN_STEPS:
         s = pattern.sub(repl, s)
     s = s.strip().rstrip(".").strip()

@@ -134,6 +134,18 @@ def test_clean_answer_keeps_percent_for_math_verify():
     assert clean_answer(r"50\%") == r"50\%"  # math-verify accepts 50% for both 50 and 0.5
 
 
+def test_clean_answer_folds_unicode():
+    assert clean_answer("\u202e5\u202c") == clean_answer("\u200b5\u00ad") == "5"
+    assert clean_answer("\uff15\u0665\u0e53") == "553"  # fullwidth, Arabic-Indic, Thai
+    assert clean_answer("\\frac{\uff11}{\uff12}") == "\\frac{1}{2}"
+    assert clean_answer("x\u00b2+\u00bd") == "x\u00b2+\u00bd"  # superscripts and fractions keep their meaning
+    assert clean_answer("\ud800") == "\ud800"  # a lone surrogate passes through untouched
+    every = "".join(chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000)
+    clean_answer(every)
+    from rewards.extract import _FOLD
+    assert len(_FOLD) <= _FOLD.LIMIT
+
+
 # --------------------------------------------------------------------------- grader table
 
 # (gold, completion, expected correct, expected reason), hand-labelled.
@@ -193,6 +205,13 @@ GRADER_CASES = [
     ("5", r"\boxed{ $ }", False, "no_answer"),
     ("5", MB_PROSE + r"\boxed{5}", True, "ok"),
     ("5", MB_PROSE, False, "no_answer"),
+    # unicode: invisible format characters, fullwidth forms and non-ASCII digits are folded
+    ("5", "\u202e\\boxed{\u202e5\u202c}\u202c", True, "ok"),
+    ("5", "\\boxed{\u200b5\ufeff}", True, "ok"),
+    ("55", "\\boxed{\uff15\u0665}", True, "ok"),
+    (r"\frac{1}{2}", "\\boxed{\uff11\uff0f\u0968}", True, "ok"),  # fullwidth 1 and slash, Devanagari 2
+    ("-3", "\\boxed{\uff0d\uff13}", True, "ok"),
+    ("2", "\\boxed{x\u00b2}", False, "parse_error"),  # a superscript is not folded into a digit
     # hostile
     ("1", rf"\boxed{{{BOMB}}}", False, "timeout"),
 ]

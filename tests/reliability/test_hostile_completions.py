@@ -419,7 +419,8 @@ def test_hand_made_hostile_corpus(harness):
     assert not wrong
     # the plain answers that hostile surroundings must not hide
     by_name = dict(zip(names, verdicts))
-    for name in ["1MB prose, box at the end", "1MB of open braces", "ANSI escapes", "every C0/C1 control"]:
+    for name in ["1MB prose, box at the end", "1MB of open braces", "ANSI escapes", "every C0/C1 control",
+                 "RTL override around the answer", "bidi marks and zero-width", "fullwidth and arabic-indic digits"]:
         assert by_name[name].correct, (name, by_name[name])
 
 
