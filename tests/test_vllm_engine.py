@@ -454,3 +454,31 @@ def test_eval_pads_short_shards_for_collective_engines(tiny_model_dir, tmp_path,
         report = evaluate(engine, examples, prompts, verifier, settings, accelerator=rank1, progress=False)
     assert [e[1] for e in fake.events if e[0] == "generate"] == [4]  # 2 prompts × n = 2, as rank 0 sends
     assert [p["id"] for p in report["per_problem"]] == [examples[1].id]  # the padding was dropped
+
+
+def test_probe_pads_short_shards_for_collective_engines(tiny_model_dir, tmp_path, monkeypatch):
+    """The pairing probe over 3 prompts on 2 processes: rank 1 holds 1 prompt but sends 2, as rank 0
+    does, and gathers only its real probe (the padding repeat is dropped)."""
+    import accelerate.utils
+
+    from rewards.math import MathVerifier
+    from rltk.data.recipe import build_prompts, load_test_split
+    from rltk.trainer.rl import RLTrainer
+
+    gathered = []
+    monkeypatch.setattr(accelerate.utils, "gather_object",
+                        lambda obj: gathered.append(list(obj)) or [(0, 0), (2, 0), *obj])  # + rank 0's share
+    recipe = build_recipe(small_recipe_data(tiny_model_dir, tmp_path))
+    tok = _tokenizer(tiny_model_dir)
+    examples = load_test_split(recipe.data, 3, seed=0)
+    fake = FakeGeneration(model=None, accelerator=None, processing_class=tok, temperature=1.0, top_p=1.0, top_k=0,
+                          max_completion_length=4)
+    with MathVerifier(deadline_s=5.0, num_workers=1) as verifier:
+        host = SimpleNamespace(recipe=recipe, accelerator=SimpleNamespace(process_index=1, num_processes=2),
+                               engine=VLLMEngine(fake, tok, {tok.eos_token_id}), step=0, verifier=verifier,
+                               train_examples=examples, train_prompts=build_prompts(examples, recipe.data, tok))
+        counts = RLTrainer.probe(host, [0, 1, 2])
+    group = recipe.rollout.group_size
+    assert [e[1] for e in fake.events if e[0] == "generate"] == [2 * group]  # 2 prompts × G, as rank 0 sends
+    assert len(gathered) == 1 and [i for i, _ in gathered[0]] == [1]  # only the real probe is gathered
+    assert len(counts) == 3 and 0 <= counts[1] <= group

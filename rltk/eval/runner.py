@@ -19,7 +19,7 @@ from rltk.data.loaders import Example
 from rltk.eval.metrics import default_ks, summarize
 from rltk.eval.report import write_report
 from rltk.io import atomic_write_text
-from rltk.rollout.base import SamplingParams
+from rltk.rollout.base import SamplingParams, rank_shard
 
 
 @dataclass(frozen=True)
@@ -39,13 +39,7 @@ def evaluate(engine, examples: list[Example], prompts: list[str], verifier, sett
              progress: bool = True, save_samples: bool = True) -> dict[str, Any]:
     """Evaluate and (when ``out_dir``) write the report files; returns the report dict on every rank."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-    shard = list(range(rank, len(examples), world))
-    padding = 0
-    if world > 1 and getattr(engine, "collective", False):
-        # vLLM server / tensor-parallel engines gather prompts over processes: every rank makes the same
-        # calls with as many prompts, so short shards repeat a problem whose results are dropped here
-        padding = -(-len(examples) // world) - len(shard)
-        shard = shard + [shard[0] if shard else 0] * padding
+    shard, padding = rank_shard(engine, list(range(len(examples))), rank, world)  # padded for vLLM server mode
     per_problem, samples = _evaluate_shard(engine, [examples[i] for i in shard], [prompts[i] for i in shard],
                                            verifier, settings, progress and rank == 0)
     if padding:

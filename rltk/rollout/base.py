@@ -68,3 +68,16 @@ def pad_left(rows: list[Tensor], value: float | int) -> Tensor:
     width = max(r.shape[1] for r in rows)
     out = [torch.nn.functional.pad(r, (width - r.shape[1], 0), value=value) for r in rows]
     return torch.cat(out, dim=0)
+
+
+def rank_shard(engine, items: list, rank: int, world: int) -> tuple[list, int]:
+    """This rank's share of ``items`` (every ``world``-th from ``rank``) and its padding: a
+    collective engine (``engine.collective``: vLLM server mode or tensor parallel, which gather
+    prompts over processes) needs every rank to make the same calls with as many prompts, so a
+    short share is padded with repeats of its first item (of ``items[0]`` if it has none), and the
+    caller drops the results of the last ``padding`` items before gathering."""
+    shard = list(items[rank::world])
+    if world == 1 or not getattr(engine, "collective", False) or not items:
+        return shard, 0
+    padding = -(-len(items) // world) - len(shard)
+    return shard + [shard[0] if shard else items[0]] * padding, padding

@@ -30,7 +30,7 @@ from rltk.data.recipe import build_prompts, drop_long_prompts, load_split, load_
 from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
-from rltk.rollout.base import SamplingParams
+from rltk.rollout.base import SamplingParams, rank_shard
 from rltk.rollout.factory import make_engine, require_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.checkpoint import latest_checkpoint, push_to_hub, save_checkpoint
@@ -195,10 +195,11 @@ class RLTrainer:
     @torch.no_grad()
     def probe(self, indices: list[int]) -> list[int]:
         """Correct completions out of ``group_size`` samples of the current policy per prompt
-        (for samplers that select prompts by success rate). Sharded over processes; seeded in a
-        forked RNG so probing never shifts the training run's random stream."""
+        (for samplers that select prompts by success rate). Sharded over processes (padded equally
+        for a collective engine: :func:`rltk.rollout.base.rank_shard`); seeded in a forked RNG so
+        probing never shifts the training run's random stream."""
         r, acc = self.recipe.rollout, self.accelerator
-        shard = indices[acc.process_index :: acc.num_processes]
+        shard, padding = rank_shard(self.engine, indices, acc.process_index, acc.num_processes)
         counts: list[tuple[int, int]] = []
         chunk = max(1, r.batch_size // r.group_size)
         with torch.random.fork_rng(devices=[]), generation_session(self.engine):
@@ -211,6 +212,7 @@ class RLTrainer:
                 answers = [self.train_examples[i].answer for i in part for _ in range(r.group_size)]
                 correct = [v.correct for v in self.verifier.score(generation.texts, answers)]
                 counts += [(i, sum(correct[k * r.group_size : (k + 1) * r.group_size])) for k, i in enumerate(part)]
+        counts = counts[: len(counts) - padding]  # a collective engine's padding repeats are not probes
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
