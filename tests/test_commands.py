@@ -82,7 +82,7 @@ def test_cached_warm_start_is_reused_only_for_the_same_settings(tmp_path, tiny_m
     data["sft"]["lr"] = 5e-4
     run_sft(build_recipe(data))
     assert (path / "model.safetensors").stat().st_mtime_ns != stamp  # other settings: trained again
-    assert "was made with other settings" in caplog.text
+    assert "was made with other settings (sft.lr: 0.001 -> 0.0005); training it again" in caplog.text
 
 
 def test_tiny_model_is_rebuilt_when_its_settings_change(tmp_path):

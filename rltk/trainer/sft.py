@@ -36,6 +36,22 @@ def _fingerprint(recipe: Recipe) -> dict:
             "max_new_tokens": recipe.rollout.max_new_tokens, "rltk": rltk.__version__}
 
 
+def _changed_settings(stored: dict | None, current: dict, limit: int = 5) -> str:
+    """The dotted keys whose values differ, ``key: old -> new``, at most ``limit`` of them."""
+    if stored is None:
+        return "no rltk_sft.json record"
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+
+    old, new = flat(stored), flat(current)
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return ", ".join(changed[:limit]) + (f", and {len(changed) - limit} more" if len(changed) > limit else "")
+
+
 def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
     """Warm-start the recipe's model; returns the directory of the fine-tuned model."""
     from datasets import Dataset
@@ -45,10 +61,12 @@ def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
     fingerprint = _fingerprint(recipe)
     marker = out / "rltk_sft.json"
     if (out / "config.json").is_file() and not force:
-        if marker.is_file() and json.loads(marker.read_text()) == fingerprint:
+        stored = json.loads(marker.read_text()) if marker.is_file() else None
+        if stored == fingerprint:
             log.info("SFT warm start: reusing %s", out)
             return out
-        log.warning("SFT warm start: %s was made with other settings; training it again", out)
+        log.warning("SFT warm start: %s was made with other settings (%s); training it again", out,
+                    _changed_settings(stored, fingerprint))
     check_writable(out.parent)
     base = resolve_model_path(recipe.model, recipe.trainer.output_dir)
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
