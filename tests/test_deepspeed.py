@@ -1,7 +1,7 @@
-"""2-process DeepSpeed runs on CPU over gloo (ZeRO-2, ZeRO-3, ZeRO-3 + LoRA) against 1 process.
+"""2-process DeepSpeed runs on CPU over gloo (ZeRO-2, ZeRO-3, ZeRO-3 + LoRA, ZeRO-3 offload) against 1 process.
 
 Each DeepSpeed run uses the deepspeed_config section of the shipped GPU config
-(``launch/zero2.yaml``, ``launch/zero3.yaml``), made CPU-runnable only in what a CPU needs: two
+(``launch/zero2.yaml``, ``launch/zero3.yaml``, ``launch/zero3_offload.yaml``), made CPU-runnable only in what a CPU needs: two
 processes and no bf16. One optimizer step (``RLTrainer.optimize``) with two micro-batches per rank
 must give the 1-process loss, gradient norm and updated weights: that checks rltk's
 micro-batch accumulation against DeepSpeed's boundaries, the global normaliser, DeepSpeed's
@@ -112,8 +112,8 @@ def baselines(tmp_path_factory, tiny_model_dir):
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("config,zero,lora,port", [("zero2", 2, False, 29621), ("zero3", 3, False, 29623),
-                                                   ("zero3", 3, True, 29625)],
-                         ids=["zero2", "zero3", "zero3_lora"])
+                                                   ("zero3", 3, True, 29625), ("zero3_offload", 3, False, 29627)],
+                         ids=["zero2", "zero3", "zero3_lora", "zero3_offload"])
 def test_deepspeed_two_processes_match_one(tmp_path, tiny_model_dir, baselines, config, zero, lora, port):
     recipe = _step_recipe(tmp_path, tiny_model_dir, "run", lora)
     launch_deepspeed(cpu_config(tmp_path, config), port, [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step"])
