@@ -203,4 +203,5 @@ def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, confi
     launch_deepspeed(cpu_config(tmp_path, config), port + 2,
                      [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step", PASS_PATTERN])
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert two["lm_head_sharded"] == (zero == 3) and not one["lm_head_sharded"]  # the gather had work to do
     _compare(one, two, zero)

@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from rltk.config import build_recipe
-from rltk.trainer.distributed import zero_stage
+from rltk.trainer.distributed import whole_shape, zero_stage
 from rltk.trainer.rl import RLTrainer
 
 
@@ -40,8 +40,10 @@ def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | Non
         per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
         rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
         mine = full.select(rows)
+        head = acc.unwrap_model(trainer.model).get_output_embeddings().weight
         result = {"world": acc.num_processes, "zero_stage": zero_stage(acc),
-                  "micro_batches": len(trainer.micro_batches(torch.arange(per_rank)))}
+                  "micro_batches": len(trainer.micro_batches(torch.arange(per_rank))),
+                  "lm_head_sharded": tuple(head.shape) != tuple(whole_shape(head))}  # a ZeRO-3 placeholder
         if mode == "grad":
             metrics = trainer.accumulate_gradients(mine, torch.arange(per_rank))
             result["grad"] = torch.cat([p.grad.flatten() for p in trainer.model.parameters()
