@@ -264,7 +264,10 @@ def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, params: floa
         raise ConfigError(f"memory: at least {need / GIB:.1f} GiB per GPU ({detail}) exceeds {gpu_memory_gb:g} GiB "
                           "before activations; use a ZeRO-3 launch config, offload, LoRA, or a lower "
                           "rollout.vllm.gpu_memory_utilization")
-    return [f"memory: ≥ {need / GIB:.1f} of {gpu_memory_gb:g} GiB per GPU before activations ({detail})"]
+    teacher = recipe.teacher.name_or_path
+    unknown = (f"; teacher '{teacher}' not counted (size unknown)"
+               if recipe.algorithm.paced is not None and teacher and teacher not in KNOWN_MODELS else "")
+    return [f"memory: ≥ {need / GIB:.1f} of {gpu_memory_gb:g} GiB per GPU before activations ({detail}){unknown}"]
 
 
 def check_recipe(recipe: Recipe, layout: LaunchLayout, *, explicit_processes: bool = False,

@@ -192,5 +192,8 @@ def test_frozen_models_count_whole_per_process_and_sharded_under_zero3():
         check_recipe_file(paced_7b, launch=str(ROOT / "launch" / "zero2.yaml"))
     lines = check_recipe_file(ROOT / "recipes" / "qwen2.5-math-1.5b" / "paced.yaml", launch=str(ROOT / "launch" / "zero3.yaml"))
     assert "teacher model 1.8," in [line for line in lines if line.startswith("memory: ")][0]  # 7.62e9 × 2 / 8
+    other = check_recipe_file(paced_7b, ["teacher.name_or_path=someone/unknown-72b"])
+    assert [line for line in other if line.startswith("memory: ")][0].endswith(
+        "; teacher 'someone/unknown-72b' not counted (size unknown)")
     reference = check_recipe_file(ROOT / "recipes" / "qwen2.5-math-7b" / "grpo.yaml", ["algorithm.terms=[{name: kl, coef: 0.01}]"])
     assert "reference model 1.8," in [line for line in reference if line.startswith("memory: ")][0]
