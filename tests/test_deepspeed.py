@@ -182,14 +182,16 @@ PASS_PATTERN = json.dumps([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])  # p
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("config,zero,privileged,port", [("zero2", 2, False, 29651), ("zero3", 3, False, 29655),
-                                                         ("zero3", 3, True, 29659)],
-                         ids=["zero2_teacher_model", "zero3_teacher_model", "zero3_privileged"])
-def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, config, zero, privileged, port):
+@pytest.mark.parametrize("config,zero,privileged,lora,port", [
+    ("zero2", 2, False, False, 29651), ("zero3", 3, False, False, 29655), ("zero3", 3, True, False, 29659),
+    ("zero3", 3, True, True, 29663)], ids=["zero2_teacher_model", "zero3_teacher_model", "zero3_privileged",
+                                          "zero3_lora_privileged"])
+def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, config, zero, privileged, lora, port):
     """PACED under DeepSpeed: the teacher is a frozen engine (whole under ZeRO-2, sharded under
     ZeRO-3) or the student reading the solution; under ZeRO-3 both LM heads are gathered around the
     chunked KL's forward and backward. The step (policy loss + PACED, Σw over both ranks) equals
-    the 1-process step."""
+    the 1-process step. Under LoRA the privileged teacher is the student with its adapter on and
+    the (frozen) LM head gets no gradient."""
     from rltk.config import TinyModelConfig
     from rltk.models import build_tiny_model
 
@@ -198,7 +200,7 @@ def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, confi
     else:
         cfg = TinyModelConfig(hidden_size=64, num_heads=2, seed=1)
         teacher = {"name_or_path": str(build_tiny_model(tmp_path / "teacher", cfg))}
-    recipe = _step_recipe(tmp_path, tiny_model_dir, "paced", False, teacher)
+    recipe = _step_recipe(tmp_path, tiny_model_dir, "paced", lora, teacher)
     launch_single(port, [str(WORKER), str(recipe), str(tmp_path / "one.json"), "step", PASS_PATTERN])
     launch_deepspeed(cpu_config(tmp_path, config), port + 2,
                      [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step", PASS_PATTERN])
