@@ -77,7 +77,7 @@ class Teacher:
 
 
 class _FinalHidden:
-    """While entered, records the decoder's output (the final, post-norm hidden states) of each call."""
+    """While entered, keeps the decoder's output (the final, post-norm hidden states) of its last call."""
 
     def __init__(self, decoder: torch.nn.Module):
         self.decoder = decoder
