@@ -138,7 +138,8 @@ _FOLD = _UnicodeFold()
 def clean_answer(s: str) -> str:
     """Cosmetic clean-up of an extracted answer, kept readable by math-verify.
 
-    Folds Unicode first (:class:`_UnicodeFold`: ``\u200b5`` and ``５`` are ``5``), then drops ``$`` and ``\\$``, ``\\left``/``\\right``/``\\displaystyle``, spacing commands (``\\,``
+    Folds Unicode first (:class:`_UnicodeFold`: ``\\u200b5`` and ``５`` are ``5``), then drops
+    ``$`` and ``\\$``, ``\\left``/``\\right``/``\\displaystyle``, spacing commands (``\\,``
     ``\\!`` ``\\;`` ``\\quad`` ``~``) and trailing periods; ``\\dfrac``/``\\tfrac`` become
     ``\\frac``; a whole-answer number with thousands separators becomes plain digits (module
     docstring); whitespace is removed except one space between two letters/digits (``\\pi r`` is

@@ -485,6 +485,18 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         raise ConfigError(f"override '{path}': cannot set '{last}' inside a {type(node).__name__}")
 
 
+def flatten_keys(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``{dotted key: leaf value}`` (``{"trainer": {"lr": 1e-6}}`` ->
+    ``{"trainer.lr": 1e-6}``), the keys as overrides name them; lists are leaves."""
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(flatten_keys(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _walk(data: Any, tokens: list[str | int]) -> Any:
     for token in tokens:
         data = data[token]

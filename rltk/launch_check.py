@@ -12,8 +12,8 @@ Any accelerate YAML is read (``distributed_type``, ``num_processes``, ``num_mach
 Model sizes and contexts come from a small table of the models the recipes use, a local
 ``config.json``, or the built-in tiny model; for other models those checks are skipped and the
 summary says so. The memory check is a lower bound (weights, gradients, optimizer states, the
-reference and teacher models, vLLM's reserved share; activations are not counted), so exceeding it is a
-certain out-of-memory, and passing it is not a promise.
+reference and teacher models, vLLM's reserved share; activations are not counted), so exceeding
+it is a certain out-of-memory, and passing it is not a promise.
 """
 from __future__ import annotations
 
@@ -264,9 +264,8 @@ def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, params: floa
         raise ConfigError(f"memory: at least {need / GIB:.1f} GiB per GPU ({detail}) exceeds {gpu_memory_gb:g} GiB "
                           "before activations; use a ZeRO-3 launch config, offload, LoRA, or a lower "
                           "rollout.vllm.gpu_memory_utilization")
-    teacher = recipe.teacher.name_or_path
-    unknown = (f"; teacher '{teacher}' not counted (size unknown)"
-               if recipe.algorithm.paced is not None and teacher and teacher not in KNOWN_MODELS else "")
+    teacher = recipe.teacher.name_or_path if recipe.algorithm.paced is not None else None
+    unknown = f"; teacher '{teacher}' not counted (size unknown)" if teacher and "teacher model" not in parts else ""
     return [f"memory: ≥ {need / GIB:.1f} of {gpu_memory_gb:g} GiB per GPU before activations ({detail}){unknown}"]
 
 

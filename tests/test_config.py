@@ -144,3 +144,15 @@ def test_paft_needs_whole_groups_per_micro_batch():
     with pytest.raises(ConfigError, match="must be >= rollout.group_size"):
         build_recipe({"algorithm": {"loss": {"name": "paft"}}, "trainer": {"micro_batch_size": 4},
                       "rollout": {"group_size": 8}})
+
+
+def test_flatten_keys_and_tracker_config():
+    from rltk.config import flatten_keys
+    from rltk.trainer.metrics import _tracker_config
+
+    nested = {"trainer": {"lr": 1e-6, "adam_betas": [0.9, 0.99]}, "teacher": {"name_or_path": None}, "seed": 0,
+              "empty": {}}
+    assert flatten_keys(nested) == {"trainer.lr": 1e-6, "trainer.adam_betas": [0.9, 0.99],
+                                    "teacher.name_or_path": None, "seed": 0}
+    assert _tracker_config(nested) == {"trainer.lr": 1e-6, "trainer.adam_betas": "[0.9, 0.99]",
+                                       "teacher.name_or_path": "null", "seed": 0}

@@ -8,6 +8,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from rltk.config import flatten_keys
+
 
 class MetricsLog:
     """Appends one JSON line per step on the main process and forwards to accelerate trackers."""
@@ -21,7 +23,7 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_after(resume_step)
         if self.trackers:
-            accelerator.init_trackers(project, config=_flatten(config))
+            accelerator.init_trackers(project, config=_tracker_config(config))
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines logged after the checkpoint we resume from (they will be logged again);
@@ -59,15 +61,10 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
-    return flat
+def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The recipe as trackers take it: dotted keys, scalar values (others as JSON text)."""
+    return {name: value if isinstance(value, (int, float, str, bool)) else json.dumps(value, default=str)
+            for name, value in flatten_keys(config).items()}
 
 
 def progress_bar(total: int, initial: int, enabled: bool):

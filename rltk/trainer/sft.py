@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rltk.config import Recipe
+from rltk.config import Recipe, flatten_keys
 from rltk.data.recipe import build_prompts, load_split
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
@@ -40,15 +40,9 @@ def _changed_settings(stored: dict | None, current: dict, limit: int = 5) -> str
     """The dotted keys whose values differ, ``key: old -> new``, at most ``limit`` of them."""
     if stored is None:
         return "no rltk_sft.json record"
-
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    old, new = flat(stored), flat(current)
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    old, new = flatten_keys(stored), flatten_keys(current)
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
     return ", ".join(changed[:limit]) + (f", and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
