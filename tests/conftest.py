@@ -20,6 +20,11 @@ def tiny_model_dir(tmp_path_factory):
     return str(build_tiny_model(tmp_path_factory.mktemp("models") / "tiny"))
 
 
+# correctness of the 16 completions (4 prompts × 4) of the 2-process PACED step tests: pass rates
+# 0.25, 0.5, 0.75, 0, so w(p) = p(1 - p) differs by prompt and Σw differs by rank
+PACED_CORRECT = "[1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0]"
+
+
 def small_recipe_data(model_dir: str, output_dir, **sections) -> dict:
     """A recipe small enough for a few-second RL run of the tiny model."""
     data = {

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import small_recipe_data
+from tests.conftest import PACED_CORRECT, small_recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "step_worker.py"
@@ -178,9 +178,6 @@ def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir):
     assert 1 in _by_step(tmp_path / "run")
 
 
-PASS_PATTERN = json.dumps([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])  # p = 0.25, 0.5, 0.75, 0
-
-
 @pytest.mark.distributed
 @pytest.mark.parametrize("config,zero,privileged,lora,port", [
     ("zero2", 2, False, False, 29651), ("zero3", 3, False, False, 29655), ("zero3", 3, True, False, 29659),
@@ -201,9 +198,9 @@ def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, confi
         cfg = TinyModelConfig(hidden_size=64, num_heads=2, seed=1)
         teacher = {"name_or_path": str(build_tiny_model(tmp_path / "teacher", cfg))}
     recipe = _step_recipe(tmp_path, tiny_model_dir, "paced", lora, teacher)
-    launch_single(port, [str(WORKER), str(recipe), str(tmp_path / "one.json"), "step", PASS_PATTERN])
+    launch_single(port, [str(WORKER), str(recipe), str(tmp_path / "one.json"), "step", PACED_CORRECT])
     launch_deepspeed(cpu_config(tmp_path, config), port + 2,
-                     [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step", PASS_PATTERN])
+                     [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step", PACED_CORRECT])
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["lm_head_sharded"] == (zero == 3) and not one["lm_head_sharded"]  # the gather had work to do
     _compare(one, two, zero)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import small_recipe_data
+from tests.conftest import PACED_CORRECT, small_recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "step_worker.py"
@@ -53,9 +53,8 @@ def test_ddp_paced_two_processes_match_one(tmp_path, tiny_model_dir):
     data["teacher"] = {"name_or_path": str(teacher)}
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(data))
-    correct = json.dumps([1, 0, 0, 0, 1, 1, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0])  # p = 0.25, 0.5, 0.75, 0
-    one = _launch(1, recipe, tmp_path / "one.json", 29515, "grad", correct)
-    two = _launch(2, recipe, tmp_path / "two.json", 29517, "grad", correct)
+    one = _launch(1, recipe, tmp_path / "one.json", 29515, "grad", PACED_CORRECT)
+    two = _launch(2, recipe, tmp_path / "two.json", 29517, "grad", PACED_CORRECT)
     assert two["world"] == 2
     assert abs(one["loss"] - two["loss"]) < 1e-6
     assert max(abs(a - b) for a, b in zip(one["grad"], two["grad"])) < 1e-6
