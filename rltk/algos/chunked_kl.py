@@ -31,9 +31,10 @@ KL_DIRECTIONS = ("forward", "reverse")
 ChunkLogits = Callable[[slice], tuple[Tensor, Tensor]]  # vocabulary slice -> (student, teacher) [R, c]
 
 
-def _chunks(vocab: int, chunk_size: int):
-    for start in range(0, vocab, chunk_size):
-        yield slice(start, min(start + chunk_size, vocab))
+def chunks(size: int, chunk_size: int):
+    """Consecutive slices of ``range(size)`` of at most ``chunk_size`` (vocabulary or token chunks)."""
+    for start in range(0, size, chunk_size):
+        yield slice(start, min(start + chunk_size, size))
 
 
 def _streaming_stats(logits: ChunkLogits, rows: int, vocab: int, direction: str, chunk_size: int,
@@ -45,7 +46,7 @@ def _streaming_stats(logits: ChunkLogits, rows: int, vocab: int, direction: str,
     max_s, max_t = neg_inf.clone(), neg_inf.clone()
     sum_s = torch.zeros(rows, dtype=dtype, device=device)
     sum_t, weighted = torch.zeros_like(sum_s), torch.zeros_like(sum_s)
-    for part in _chunks(vocab, chunk_size):
+    for part in chunks(vocab, chunk_size):
         s, t = logits(part)
         new_max_s = torch.maximum(max_s, s.max(-1).values)
         new_max_t = torch.maximum(max_t, t.max(-1).values)
@@ -119,7 +120,7 @@ class _ChunkedKL(torch.autograd.Function):
             return None, None, None, None
         grad = torch.empty_like(student)
         g = grad_kl.to(kl.dtype)
-        for part in _chunks(student.shape[-1], ctx.chunk_size):
+        for part in chunks(student.shape[-1], ctx.chunk_size):
             s, t = student[:, part].to(kl.dtype), teacher[:, part].to(kl.dtype)
             grad[:, part] = _logit_grad(s, t, lse_s, lse_t, kl, g, ctx.direction).to(grad.dtype)
         return grad, None, None, None
@@ -195,7 +196,7 @@ class _LinearKL(torch.autograd.Function):
         grad_h = torch.zeros_like(hs) if need_h else None
         with ctx.gather():
             grad_w = torch.zeros_like(w_s) if need_w else None  # rows past ``vocab`` get no gradient
-            for part in _chunks(ctx.vocab, ctx.chunk_size):
+            for part in chunks(ctx.vocab, ctx.chunk_size):
                 ws = w_s[part].to(dtype)
                 d = _logit_grad(hs @ ws.T, ht @ w_t[part].to(device=ht.device, dtype=dtype).T, lse_s, lse_t, kl, g,
                                 ctx.direction)

@@ -18,7 +18,7 @@ from rltk.config import ConfigError, ModelConfig, TeacherConfig
 from rltk.data.loaders import Example
 from rltk.rollout.base import pad_left
 from rltk.trainer.distributed import prepare_frozen, whole_shape
-from rltk.trainer.logprobs import TokenBatch
+from rltk.trainer.logprobs import FinalHidden, TokenBatch
 
 
 class Teacher:
@@ -68,30 +68,12 @@ class Teacher:
         input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1).to(device)
         attention = torch.cat([batch.prompt_mask, batch.completion_mask], dim=1).to(device)
         position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        final = _FinalHidden(module.get_decoder())
+        final = FinalHidden(module.get_decoder())
         with final:
             model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
                   logits_to_keep=1)
         start, length = batch.prompt_ids.shape[1] - 1, batch.completion_ids.shape[1]
         return final.value[:, start : start + length], module.get_output_embeddings().weight
-
-
-class _FinalHidden:
-    """While entered, keeps the decoder's output (the final, post-norm hidden states) of its last call."""
-
-    def __init__(self, decoder: torch.nn.Module):
-        self.decoder = decoder
-        self.value: Tensor | None = None
-
-    def _record(self, _module, _inputs, output) -> None:
-        self.value = output[0] if isinstance(output, tuple) else output.last_hidden_state
-
-    def __enter__(self) -> "_FinalHidden":
-        self.handle = self.decoder.register_forward_hook(self._record)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.handle.remove()
 
 
 def _load_teacher(cfg: TeacherConfig, student_tokenizer):
