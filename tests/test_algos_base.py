@@ -314,6 +314,45 @@ def test_kl_k3_gradient():
     assert torch.allclose(logps.grad, 1 - torch.exp(delta))
 
 
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+def test_kl_padding_is_masked_before_the_estimator(estimator, dtype):
+    """Pad positions with very negative current log-probs (−100 and −1e4; ref is 0 there):
+    loss and gradient finite, exactly 0 at padding, the formula on valid tokens."""
+    logps = torch.tensor([[-0.3, -1.2, -100.0, -1e4], [-2.0, -1e4, -100.0, -1e4]], dtype=dtype, requires_grad=True)
+    ref = torch.tensor([[-0.5, -0.4, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0]], dtype=dtype)  # zeroed on padding
+    rollouts = make_rollouts([1.0, 0.0], lengths=[2, 1], width=4, dtype=dtype, ref_logps=ref)
+    mask = rollouts.completion_mask > 0
+    out = stage("term", "kl")(logps, rollouts, adv_of([0.0, 0.0]), coef=0.1, estimator=estimator)
+    assert torch.isfinite(out.per_token).all() and torch.isfinite(out.token_metrics["kl"]).all()
+    assert torch.equal(out.per_token[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+    delta = (ref - logps.detach())[mask].double()
+    formula = {"k1": -delta, "k2": 0.5 * delta**2, "k3": torch.exp(delta) - delta - 1}[estimator]
+    assert torch.allclose(out.token_metrics["kl"][mask].double(), formula, atol=1e-6)
+    loss = (out.per_token * rollouts.completion_mask).sum()  # as the aggregation does
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(logps.grad).all()
+    assert torch.equal(logps.grad[~mask], torch.zeros(int((~mask).sum()), dtype=dtype))
+    grad = {"k1": torch.ones_like(delta), "k2": -delta, "k3": 1 - torch.exp(delta)}[estimator]
+    assert torch.allclose(logps.grad[mask].double(), 0.1 * grad, atol=1e-6)
+
+
+def test_kl_padding_through_the_pipeline_is_finite():
+    """The whole step (loss + k3 term + token_mean) with −1e4 current log-probs on padding."""
+    pipe = AlgorithmPipeline(["grpo"], terms=[{"name": "kl", "coef": 0.1, "estimator": "k3"}], aggregation="token_mean")
+    ref = torch.tensor([[-0.5, 0.0], [-0.7, -0.2]], dtype=F64)
+    rollouts = make_rollouts([1.0, 0.0], lengths=[1, 2], width=2, ref_logps=ref)
+    adv, _ = pipe.compute_advantages(rollouts)
+    logps = torch.tensor([[-0.4, -1e4], [-0.9, -0.1]], dtype=F64, requires_grad=True)
+    per_token, _ = pipe.per_token_loss(logps, rollouts, adv)
+    mask = rollouts.completion_mask
+    loss = pipe.aggregate(per_token, mask, pipe.normalizer(mask, 2))
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logps.grad).all()
+    assert logps.grad[0, 1] == 0
+
+
 def test_kl_needs_ref_only_when_coef_nonzero():
     kl = get_stage("term", "kl")
     assert kl.needs({}) == set() and kl.needs({"coef": 0.0}) == set()

@@ -59,8 +59,28 @@ def test_pair_scope_lambda_1_vector():
 
 
 def test_pair_scope_lambda_2_vector():
+    """Revised §4b (uncentred): the common outcomes stay exactly 0 at λ = 2 too."""
     adv = weighted_grpo(spec_rollouts(), lam=2.0)
-    assert torch.allclose(adv.values, expected(1.851912, 0.108936, 0.108936, -3.377015), atol=TOL)
+    assert torch.allclose(adv.values, expected(1.742976, 0.0, 0.0, -3.485951), atol=TOL)
+    assert torch.equal(adv.values[1:15], torch.zeros(14))
+
+
+def test_pair_scope_both_prompts_all_wrong():
+    """§4b: G = 4, λ = 1, both prompts fail everywhere: q⁺ 0, q⁻ failures −1.870825 each.
+
+    The first (centred) reading gave each q⁺ failure +0.935 here."""
+    adv = weighted_grpo(make_rollouts([[0] * 4, [0] * 4]))
+    want = torch.tensor([0.0] * 4 + [-1.870825] * 4)
+    assert torch.allclose(adv.values, want, atol=TOL)
+    assert torch.equal(adv.values[:4], torch.zeros(4))
+
+
+def test_pair_scope_both_prompts_all_right():
+    """§4b: G = 4, λ = 1, both prompts succeed everywhere: q⁺ successes +1.870825 each, q⁻ 0."""
+    adv = weighted_grpo(make_rollouts([[1] * 4, [1] * 4]))
+    want = torch.tensor([1.870825] * 4 + [0.0] * 4)
+    assert torch.allclose(adv.values, want, atol=TOL)
+    assert torch.equal(adv.values[4:], torch.zeros(4))
 
 
 def test_pair_scope_lambda_0_is_positive_only():
@@ -92,7 +112,7 @@ def test_prompt_scope_does_not_need_pairs():
 
 def test_pairs_are_independent():
     single = weighted_grpo(spec_rollouts(), lam=2.0).values
-    other = [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 1]]
+    other = [[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 0, 0, 1]]  # a different std
     other_single = weighted_grpo(make_rollouts(other), lam=2.0).values
     both = weighted_grpo(make_rollouts([POS, NEG] + other, roles=("pos", "neg") * 2), lam=2.0)
     assert torch.allclose(both.values, torch.cat([single, other_single]), atol=1e-6)
@@ -107,10 +127,13 @@ def test_uses_correctness_not_shaped_rewards():
 
 
 def test_uninformative_pair_is_zero():
-    """q⁺ all fail and q⁻ all succeed: every role outcome is 0."""
-    adv = weighted_grpo(make_rollouts([[0] * 8, [1] * 8]))
+    """q⁺ all fail and q⁻ all succeed: every role outcome is 0, std 0 — advantage 0, no NaN."""
+    for lam in (0.0, 1.0, 2.0):
+        adv = weighted_grpo(make_rollouts([[0] * 8, [1] * 8]), lam=lam)
+        assert torch.equal(adv.values, torch.zeros(16))
+        assert adv.metrics["zero_adv_share"] == 1.0
+    adv = weighted_grpo(make_rollouts([[0] * 8, [0] * 8]), lam=0.0)  # λ = 0: q⁻ failures are 0 too
     assert torch.equal(adv.values, torch.zeros(16))
-    assert adv.metrics["zero_adv_share"] == 1.0
 
 
 def test_all_correct_and_all_wrong_pairs():
@@ -122,7 +145,7 @@ def test_all_correct_and_all_wrong_pairs():
 
 def test_group_size_one():
     rollouts = make_rollouts([[1], [0]])
-    pair = weighted_grpo(rollouts)  # the pair still has 2 completions to z-score over
+    pair = weighted_grpo(rollouts)  # the pair still has 2 completions to take the std over
     assert torch.allclose(pair.values, torch.tensor([0.707107, -0.707107]), atol=TOL)
     assert torch.equal(weighted_grpo(rollouts, scope="prompt").values, torch.zeros(2))
 
@@ -130,7 +153,7 @@ def test_group_size_one():
 def test_unequal_group_sizes_in_a_pair():
     adv = weighted_grpo(make_rollouts([[1, 0], [1, 1, 0]]))
     values = torch.tensor([1.0, 0.0, 0.0, 0.0, -1.0], dtype=torch.float64)
-    want = (values - values.mean()) / (values.std() + 1e-6)
+    want = values / (values.std() + 1e-6)  # uncentred (revised §4b)
     assert torch.allclose(adv.values, want.float(), atol=1e-6)
 
 
@@ -208,3 +231,46 @@ def test_pipeline_gradient_is_minus_advantage_over_tokens():
     loss.backward()
     want = -adv.values.unsqueeze(-1) * mask / mask.sum()
     assert torch.allclose(logps.grad, want, atol=1e-7)
+
+
+# ---------------------------------------------------------------- sign property (revised §4b)
+
+
+def all_outcome_pairs(g: int) -> torch.Tensor:
+    """Bool [4**g, 2g]: every (q⁺ outcomes, q⁻ outcomes) combination of one pair of G = g."""
+    bits = (torch.arange(2**g).unsqueeze(1) >> torch.arange(g)) & 1  # [2**g, g]
+    pos = bits.repeat_interleave(2**g, dim=0)
+    neg = bits.repeat(2**g, 1)
+    return torch.cat([pos, neg], dim=1).bool()
+
+
+@pytest.mark.parametrize("lam", [1.0, 2.0, 0.5])
+@pytest.mark.parametrize("g", [2, 4, 8])
+def test_sign_property_over_every_pair_of_outcome_vectors(g, lam):
+    """A success never gets a negative advantage and a failure never a positive one, for all
+    2^G × 2^G pairs (65,536 at G = 8), through the estimator: every pair is one batch."""
+    pairs = all_outcome_pairs(g)  # [P, 2g]
+    num_pairs = pairs.shape[0]
+    correct = pairs.reshape(-1)
+    n = correct.shape[0]
+    rollouts = Rollouts(
+        group_ids=torch.arange(2 * num_pairs).repeat_interleave(g),
+        rewards=correct.float(),
+        correct=correct,
+        completion_mask=torch.ones(n, 1),
+        truncated=torch.zeros(n, dtype=torch.bool),
+        roles=("pos", "neg") * num_pairs,
+    )
+    values = weighted_grpo(rollouts, lam=lam).values
+    assert bool(torch.isfinite(values).all())
+    assert not bool((values[correct] < 0).any())
+    assert not bool((values[~correct] > 0).any())
+    # and exactly: q⁺ failures and q⁻ successes (outcome 0) get 0
+    is_pos = torch.cat([torch.ones(g), torch.zeros(g)]).bool().repeat(num_pairs)
+    common = (is_pos & ~correct) | (~is_pos & correct)
+    assert torch.equal(values[common], torch.zeros(int(common.sum())))
+    # and the value is o / (std + eps) for every row, from the outcome vectors directly
+    o = torch.where(is_pos, correct.double(), -lam * (~correct).double()).reshape(num_pairs, 2 * g)
+    std = o.std(dim=1, keepdim=True)
+    want = torch.where(std > 0, o / (std + 1e-6), torch.zeros_like(o)).reshape(-1)
+    assert torch.allclose(values.double(), want, atol=1e-5)

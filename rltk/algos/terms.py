@@ -14,13 +14,19 @@ def kl(
 ) -> LossOutput:
     """β·KL(π‖π_ref) per token with Schulman's estimators (http://joschu.net/blog/kl-approx.html):
     k1 = logp − ref, k2 = ½(logp − ref)², k3 = exp(ref − logp) − (ref − logp) − 1.
+
+    The difference ref − logp is masked to 0 on padding (``rollouts.completion_mask`` == 0) before
+    any estimator sees it, so padded positions contribute exactly 0 with a zero gradient whatever
+    the current log-probs hold there (unmasked, k3's exp overflows once logp < about −88.7 at a pad
+    position, and inf × 0 is NaN in the loss and the gradient).
     """
     if estimator not in ("k1", "k2", "k3"):
         raise StageError(f"kl: estimator must be k1, k2 or k3, got '{estimator}'")
     if coef == 0.0:
         zero = torch.zeros_like(logps)
         return LossOutput(zero, {"kl": zero})
-    delta = rollouts.ref_logps - logps
+    valid = rollouts.completion_mask.to(logps.device) > 0
+    delta = torch.where(valid, rollouts.ref_logps - logps, torch.zeros_like(logps))
     if estimator == "k1":
         value = -delta
     elif estimator == "k2":

@@ -11,9 +11,17 @@ passes them as ``rollouts.roles`` — one role per group, in group order — and
 The paper's literal description ("map outcomes to +1/−λ, then group-normalise") is a no-op, since
 z-scores ignore affine maps of binary rewards. Two readings are selectable:
 
-- ``scope="pair"`` (default, the bidirectional reading): role-specific outcomes — q⁺ success → +1,
-  failure → 0; q⁻ success → 0, failure → −λ — z-scored (unbiased std + eps) over the pair's 2G
-  completions. The rare q⁺ success and the rare q⁻ failure carry the whole signal.
+- ``scope="pair"`` (default, the bidirectional reading): role-specific outcomes o — q⁺ success → +1,
+  failure → 0; q⁻ success → 0, failure → −λ — divided by their unbiased std over the pair's 2G
+  completions, **without centring**: A = o / (std_pair(o) + eps). The rare q⁺ success and the rare
+  q⁻ failure carry the whole signal; the common outcomes (q⁺ failure, q⁻ success) get exactly 0.
+  A pair whose outcomes are all equal (std 0; they are then all 0) gets 0 everywhere.
+
+  Revised (ALGORITHMS.md §4b, 2026-12): the first reading also subtracted the pair mean, which gave
+  the "0" outcomes −mean/std ≠ 0 — a q⁺ failure got a *positive* advantage when both prompts of a
+  pair failed everywhere (+0.935 at G = 4), a q⁻ success a negative one when both succeeded
+  everywhere. Without centring the sign of A is the sign of o, so a success never gets a negative
+  advantage and a failure never a positive one, for every pair of outcome vectors (a test).
 - ``scope="prompt"``: plain GRPO on the verifier outcomes of each prompt, then multiplied by a
   per-role, per-outcome multiplier (``pos_success``, ``pos_failure``, ``neg_success``,
   ``neg_failure``).
@@ -73,14 +81,23 @@ def role_outcome_values(correct: Tensor, is_pos: Tensor, lam: float) -> Tensor:
     return torch.where(is_pos, ok, -lam * (1.0 - ok))
 
 
+def pair_advantage(values: Tensor, std: Tensor, eps: float) -> Tensor:
+    """A = o / (std + eps), uncentred; 0 where the pair's std is 0 (all its outcomes equal).
+
+    Broadcasts, so it also serves a batch of pairs ``[P, 2G]`` with ``std`` ``[P, 1]``. The sign of
+    A is the sign of o: successes (o ≥ 0) never get a negative advantage, failures (o ≤ 0) never a
+    positive one.
+    """
+    return torch.where(std > 0, values / (std + eps), torch.zeros_like(values))
+
+
 def _pair_scope(rollouts: Rollouts, group: Tensor, is_pos: Tensor, lam: float, eps: float) -> Tensor:
-    """Z-score of the role outcomes over each pair's 2G completions (0 for a pair of one row)."""
+    """Role outcomes over each pair's unbiased std (uncentred; 0 for a pair of one row or std 0)."""
     pair = torch.div(group, 2, rounding_mode="floor")
     num_pairs = int(pair.max().item()) + 1 if pair.numel() else 0
     values = role_outcome_values(rollouts.correct, is_pos, lam)
-    mean, std, size = group_stats(values, pair, num_pairs)
-    adv = (values - mean) / (std + eps)
-    return torch.where(size > 1, adv, torch.zeros_like(adv))
+    _, std, _ = group_stats(values, pair, num_pairs)  # std is 0 for a pair of one row
+    return pair_advantage(values, std, eps)
 
 
 def _prompt_scope(
@@ -130,8 +147,9 @@ def weighted_grpo(
 ) -> Advantages:
     """Weighted GRPO advantage (Sheng et al. 2026, arXiv 2602.03452; ALGORITHMS.md §4b).
 
-    ``scope="pair"``: A = z-score over the (q⁺, q⁻) pair's 2G completions of the role outcomes
-    (q⁺: success 1, failure 0; q⁻: success 0, failure −``lam``). ``scope="prompt"``: per-prompt
+    ``scope="pair"``: A = o / (std_pair(o) + eps), the role outcomes o (q⁺: success 1, failure 0;
+    q⁻: success 0, failure −``lam``) over their unbiased std across the (q⁺, q⁻) pair's 2G
+    completions, not centred (0 when that std is 0). ``scope="prompt"``: per-prompt
     GRPO on correctness, times ``pos_success``/``pos_failure`` on q⁺ and ``neg_success``/
     ``neg_failure`` on q⁻ completions. ``lam`` is used by the pair scope only and the multipliers by
     the prompt scope only. Needs ``rollouts.roles`` (one "pos"/"neg" per group, in group order;
