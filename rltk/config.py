@@ -58,7 +58,10 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name_or_path: str = "tiny"  # HF model id, local HF directory, or "tiny" (built-in tiny model)
+    # compute dtype: bfloat16/float16 = mixed precision (autocast) over float32 master weights and optimizer
+    #   state; frozen models (reference, evaluation) load in it directly (docs/distributed.md, "Precision")
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    pure_bf16: bool = False  # train bf16 weights in place, no float32 masters: most updates at lr ~1e-6 round away
     gradient_checkpointing: bool = False
     trust_remote_code: bool = False  # off unless a recipe turns it on: remote code is code
     attn_implementation: Union[str, None] = None  # e.g. "sdpa", "flash_attention_2"
@@ -85,6 +88,11 @@ class DataConfig:
     system_prompt: Union[str, None] = None
     num_train: Union[int, None] = None  # cap on training prompts (None: all / built-in default)
     num_test: Union[int, None] = 200  # held-out prompts for periodic and final evaluation
+    # Rows carved out of the training split and evaluated on instead, when the source has no test split
+    # of its own (one file, a directory without test* files, a Hub dataset without it) and no other
+    # eval_source is set: the questions with the lowest SHA-1 (no seed: the same at every seed and
+    # resume), never trained on. None = num_test. docs/recipes.md, "Held-out data".
+    heldout_size: Union[int, None] = None
     max_prompt_length: int = 512  # longer prompts are skipped and counted
 
 
@@ -221,6 +229,8 @@ class TrainerConfig:
     push_to_hub: Union[str, None] = None  # Hub repo id ("user/name"): upload the final model/ (+ adapter/)
     eval_every: int = 0  # steps between held-out evaluations (0 = before and after only)
     logprob_chunk_size: int = 64  # rows per no-grad log-prob forward
+    head_chunk_tokens: int = 1024  # positions per LM-head chunk in every log-prob forward: the [rows, T, vocab]
+    #   logits are never built (docs/distributed.md); 0 = the dense path (full logits, for debugging)
     max_bad_steps: int = 3  # consecutive non-finite steps before training stops
 
 
@@ -578,6 +588,7 @@ def _validate_values(recipe: Recipe) -> None:
 
     t, d, e, m = recipe.trainer, recipe.data, recipe.eval, recipe.model
     for key, value in [("data.num_train", d.num_train), ("data.num_test", d.num_test),
+                       ("data.heldout_size", d.heldout_size),
                        ("data.max_prompt_length", d.max_prompt_length), ("eval.batch_size", e.batch_size),
                        ("eval.max_new_tokens", e.max_new_tokens), ("eval.num_problems", e.num_problems),
                        ("eval.temperature", e.temperature), ("trainer.keep_checkpoints", t.keep_checkpoints),
@@ -650,6 +661,11 @@ def _validate_sources(recipe: Recipe) -> None:
             raise ConfigError(f"{key}: data file '{source}' does not exist")
     if "builtin" in (d.source, d.eval_source) and (not d.levels or any(level not in LEVELS for level in d.levels)):
         raise ConfigError(f"data.levels: built-in task levels are {sorted(LEVELS)}, got {d.levels}")
+    from rltk.data.heldout import oversized_heldout
+
+    problem = oversized_heldout(d)
+    if problem:
+        raise ConfigError(problem)
     for key, path in [("model.name_or_path", recipe.model.name_or_path), ("model.ref_model", recipe.model.ref_model)]:
         if path and path.startswith((".", "/", "~")) and not Path(path).expanduser().exists():
             raise ConfigError(f"{key}: model directory '{path}' does not exist")
@@ -698,6 +714,8 @@ def validate(recipe: Recipe) -> None:
         ("trainer.logprob_chunk_size", t.logprob_chunk_size),
     ]:
         _positive(value, key)
+    if t.head_chunk_tokens < 0:
+        raise ConfigError(f"trainer.head_chunk_tokens: must be >= 0 (0 = full logits), got {t.head_chunk_tokens}")
     if r.temperature <= 0:
         raise ConfigError(f"rollout.temperature: must be > 0 for sampling, got {r.temperature}")
     if not 0 < r.top_p <= 1 or not 0 < recipe.eval.top_p <= 1:
@@ -740,6 +758,9 @@ def validate(recipe: Recipe) -> None:
             f"rollout.group_size: 1 gives '{pipeline.estimator.name}' a zero advantage for every completion; "
             "use group_size >= 2 or the reinforce estimator"
         )
+    if recipe.model.pure_bf16 and recipe.model.dtype != "bfloat16":
+        raise ConfigError(f"model.pure_bf16: true trains bfloat16 weights, but model.dtype is {recipe.model.dtype}; "
+                          "set model.dtype: bfloat16, or drop pure_bf16 for float32 master weights")
     if recipe.model.lora is not None and recipe.model.ref_model is not None:
         raise ConfigError("model.ref_model and model.lora conflict: under LoRA the reference is the base model "
                           "with the adapter disabled; drop model.ref_model")

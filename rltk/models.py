@@ -139,8 +139,14 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 
 
 def load_model(name_or_path: str, cfg: ModelConfig, *, trainable: bool = True):
-    """A causal LM by id or path, with the recipe's dtype, gradient checkpointing and LoRA."""
-    kwargs = {"dtype": _DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
+    """A causal LM by id or path, with gradient checkpointing and LoRA. A trainable model's weights
+    are float32 masters (``model.dtype`` is then the autocast compute dtype; bf16 only under
+    ``model.pure_bf16``; a frozen LoRA base keeps ``model.dtype``): rltk.trainer.precision. A frozen
+    model loads in ``model.dtype``."""
+    from rltk.trainer.precision import check_master_weights, trainable_load_dtype
+
+    dtype = trainable_load_dtype(cfg) if trainable else cfg.dtype
+    kwargs = {"dtype": _DTYPES[dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.lora is not None and cfg.lora.load_in_4bit:
@@ -157,6 +163,7 @@ def load_model(name_or_path: str, cfg: ModelConfig, *, trainable: bool = True):
         model.config.use_cache = False
     if cfg.lora is not None:
         model = apply_lora(model, cfg.lora)
+    check_master_weights(model, cfg)
     return model
 
 

@@ -50,7 +50,7 @@ def evaluate_model_sets(recipe: Recipe, model_path: str, out_dir: str | Path, *,
     from accelerate import Accelerator
 
     from rewards.math import MathVerifier
-    from rltk.data.recipe import build_prompts, drop_long_prompts, load_test_split
+    from rltk.data.recipe import build_prompts, drop_long_prompts, heldout_description, load_test_split
     from rltk.eval.runner import EvalSettings, evaluate
     from rltk.models import load_model, load_tokenizer
     from rltk.rollout.factory import make_engine, require_engine
@@ -88,7 +88,8 @@ def evaluate_model_sets(recipe: Recipe, model_path: str, out_dir: str | Path, *,
             examples, prompts, skipped = drop_long_prompts(examples, build_prompts(examples, data, tokenizer),
                                                            tokenizer, data.max_prompt_length)
             protocol = {"model": model_path, "template": data.template, "data": data.eval_source or data.source,
-                        "skipped_long_prompts": skipped, "engine": recipe.rollout.engine}
+                        "heldout": heldout_description(data), "skipped_long_prompts": skipped,
+                        "engine": recipe.rollout.engine}
             if spec is not None:
                 protocol["eval_set"] = spec.name
             reports[None if spec is None else spec.name] = evaluate(

@@ -57,11 +57,18 @@ class _LinearLogps(torch.autograd.Function):
             dtype = compute_dtype or torch.promote_types(h.dtype, weight.dtype)
             for part in chunks(rows, chunk_size):
                 z = _chunk_logits(h[part], weight, bias, vocab, temperature, dtype)
-                lse[part] = torch.logsumexp(z, dim=-1)
-                logps[part] = z.gather(-1, target[part].unsqueeze(-1)).squeeze(-1) - lse[part]
-                if with_entropy:  # H = lse − Σ p z
-                    z_mean = (torch.softmax(z, dim=-1) * z).sum(-1)
-                    entropy[part] = lse[part] - z_mean
+                picked = z.gather(-1, target[part].unsqueeze(-1)).squeeze(-1)
+                top = z.max(-1, keepdim=True).values
+                if with_entropy:  # H = lse − Σ_v p_v z_v, with p = exp(z − lse)
+                    exp = torch.exp(z - top)
+                    total = exp.sum(-1)
+                    entropy[part] = (top.squeeze(-1) + total.log()) - (exp * z).sum(-1) / total
+                    del exp
+                else:  # one [c, V] buffer: z becomes exp(z − max) in place
+                    total = z.sub_(top).exp_().sum(-1)
+                lse[part] = top.squeeze(-1) + total.log()
+                logps[part] = picked - lse[part]
+                del z  # before the next chunk's logits exist: one [c, V] buffer at a time
         ctx.save_for_backward(h, target, lse, entropy)
         ctx.weights, ctx.gather = (weight, bias), gather
         ctx.vocab, ctx.temperature, ctx.chunk_size, ctx.dtype = vocab, temperature, chunk_size, dtype
@@ -85,22 +92,24 @@ class _LinearLogps(torch.autograd.Function):
                 h_part = h[part].to(ctx.dtype)
                 z = _chunk_logits(h_part, weight, bias, ctx.vocab, ctx.temperature, ctx.dtype)
                 log_p = z.sub_(lse[part].unsqueeze(-1))  # in place: z is not needed again
-                p = log_p.exp()
                 g = grad_logps[part].float().unsqueeze(-1)
                 if with_entropy:  # ∂H/∂z = −p (log p + H)
+                    p = log_p.exp()
                     log_p.add_(entropy[part].unsqueeze(-1)).mul_(p).mul_(-grad_entropy[part].float().unsqueeze(-1))
                     d = log_p.sub_(p.mul_(g))
-                else:
-                    d = p.mul_(-g)
+                    del p
+                else:  # one [c, V] buffer: log p becomes −g·p in place
+                    d = log_p.exp_().mul_(-g)
                 d.scatter_add_(-1, target[part].unsqueeze(-1), g)  # + g · 1[v = y]
                 d.div_(ctx.temperature)
                 d_c = d.to(ctx.dtype)
                 if need_h:
                     grad_h[part] = (d_c @ w).to(h.dtype)
                 if need_w:
-                    grad_w[: ctx.vocab] += (d_c.T @ h_part).to(grad_w.dtype)
+                    grad_w[: ctx.vocab] += (h_part.T @ d_c).T.to(grad_w.dtype)  # d_cᵀ h without a transposed copy of d_c
                 if need_b:
                     grad_b[: ctx.vocab] += d.sum(0).to(grad_b.dtype)
+                del z, log_p, d, d_c  # one [c, V] buffer at a time (all four name it)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 

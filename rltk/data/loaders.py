@@ -23,8 +23,13 @@ __all__ = [
     "DataError",
     "Example",
     "LoadStats",
+    "MissingSplitError",
+    "hub_split_names",
     "load_examples",
     "load_examples_with_stats",
+    "named_split_files",
+    "split_files",
+    "unknown_split",
 ]
 
 logger = logging.getLogger(__name__)
@@ -35,6 +40,14 @@ _BUILTIN_DEFAULT_SIZE = {"train": 5000, "test": 500}
 
 class DataError(ValueError):
     """A data source cannot give usable examples (missing field, no rows, unreadable file)."""
+
+
+class MissingSplitError(DataError):
+    """The source exists but has no split of this name (``available``: the splits it has, when known)."""
+
+    def __init__(self, message: str, split: str, available: Sequence[str] = ()):
+        super().__init__(message)
+        self.split, self.available = split, list(available)
 
 
 @dataclass(frozen=True)
@@ -58,11 +71,32 @@ class LoadStats:
     skipped_bad_prompt: int  # prompt not a string, or empty
 
 
-def _local_files(source: str, split: str) -> tuple[str, list[str]] | None:
+def _split_owner(name: str, split: str, other_split: str | None) -> str | None:
+    """The split a file name is named after: the longer of ``split``/``other_split`` that starts it
+    (``train_eval.jsonl`` belongs to ``train_eval``, not ``train``), or None."""
+    owners = [s for s in (split, other_split) if s and name.startswith(s)]
+    return max(owners, key=len) if owners else None
+
+
+def named_split_files(names: Sequence[str], split: str, other_split: str | None = None) -> list[str]:
+    """The files among ``names`` (paths or bare names, judged by the file name) named after ``split``."""
+    return [n for n in names if _split_owner(Path(n).name, split, other_split) == split]
+
+
+def split_files(names: Sequence[str], split: str, other_split: str | None = None) -> list[str]:
+    """The data files of ``split`` in a directory holding ``names``: those named after it
+    (:func:`named_split_files`), else every file not named after ``other_split``. Without
+    ``other_split`` that fallback is every file (a directory of unnamed parts is one split)."""
+    return named_split_files(names, split, other_split) or [
+        n for n in names if _split_owner(Path(n).name, split, other_split) is None]
+
+
+def _local_files(source: str, split: str, other_split: str | None = None) -> tuple[str, list[str]] | None:
     """(datasets builder, files) when ``source`` is a local file or directory, else None.
 
     In a directory, files whose names start with ``split`` (``test.jsonl``,
-    ``test-00000-of-00001.parquet``) are used when there are any, else all data files.
+    ``test-00000-of-00001.parquet``) are used when there are any, else all data files except those
+    named after ``other_split`` (:func:`split_files`).
     """
     path = Path(source)
     if path.suffix in _FILE_FORMATS:
@@ -71,13 +105,33 @@ def _local_files(source: str, split: str) -> tuple[str, list[str]] | None:
         return _FILE_FORMATS[path.suffix], [str(path)]
     if not path.is_dir():
         return None
-    files = sorted(p for p in path.rglob("*") if p.suffix in _FILE_FORMATS and p.is_file())
-    files = [p for p in files if p.name.startswith(split)] or files
+    every = sorted(p for p in path.rglob("*") if p.suffix in _FILE_FORMATS and p.is_file())
+    files = [Path(f) for f in split_files([str(p) for p in every], split, other_split)]
+    if every and not files:
+        raise DataError(f"data directory {source} has no files for split {split!r}: every data file is named "
+                        f"after {other_split!r} ({', '.join(p.name for p in every[:3])})")
     builders = {_FILE_FORMATS[p.suffix] for p in files}
     if len(builders) != 1:
         found = "no .jsonl/.json/.parquet files" if not files else "both JSON and Parquet files"
         raise DataError(f"data directory {source} has {found}")
     return builders.pop(), [str(p) for p in files]
+
+
+def unknown_split(error: BaseException) -> list[str] | None:
+    """The splits a dataset has when ``error`` (or its cause) is ``datasets``' refusal of a split it
+    lacks (``ValueError: Unknown split "test". Should be one of ['train'].``); None for any other error."""
+    import ast
+    import re
+
+    while error is not None:
+        match = re.match(r"Unknown split \"[^\"]*\"\. Should be one of (\[.*\])", str(error))
+        if isinstance(error, ValueError) and match:
+            try:
+                return [str(s) for s in ast.literal_eval(match.group(1))]
+            except (ValueError, SyntaxError):
+                return []
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _is_empty(path: str) -> bool:
@@ -119,10 +173,10 @@ def _root_message(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
 
 
-def _load_table(source: str, split: str, subset: str | None):
+def _load_table(source: str, split: str, subset: str | None, other_split: str | None = None):
     import datasets  # heavy import, only when a file or Hub dataset is read
 
-    local = _local_files(source, split)
+    local = _local_files(source, split, other_split)
     if local is not None:
         builder, files = local
         empty = [f for f in files if _is_empty(f)]
@@ -138,7 +192,21 @@ def _load_table(source: str, split: str, subset: str | None):
                     for row in [_first_bad_json_row(f)] if row]
         if bad_rows:
             raise DataError(f"cannot load {bad_rows[0][0]}: JSON parse error in {bad_rows[0][1]}") from e
+        available = unknown_split(e) if local is None else None
+        if available is not None:
+            raise MissingSplitError(f"{source!r} has no split {split!r} (its splits: {available})", split,
+                                    available) from e
         raise DataError(f"cannot load {source!r} (split {split!r}): {_root_message(e)}") from e
+
+
+def hub_split_names(source: str, split: str, subset: str | None = None) -> list[str] | None:
+    """None when the Hugging Face Hub dataset ``source`` has ``split``; else the splits it has
+    (``datasets`` names them when it refuses the split). Other load errors are raised as DataError."""
+    try:
+        _load_table(source, split, subset)
+    except MissingSplitError as e:
+        return e.available
+    return None
 
 
 def _check_fields(columns: Sequence[str], source: str, fields: dict[str, str | None]) -> None:
@@ -213,6 +281,7 @@ def load_examples_with_stats(
     seed: int = 0,
     subset: str | None = None,
     extract_boxed_answer: bool = False,
+    other_split: str | None = None,
 ) -> tuple[list[Example], LoadStats]:
     """:func:`load_examples` (same arguments) plus the :class:`LoadStats` of the load."""
     if num_examples is not None and num_examples < 1:
@@ -220,7 +289,7 @@ def load_examples_with_stats(
     if source == "builtin":
         examples = _builtin(split, levels, num_examples, seed)
         return examples, LoadStats(source, split, len(examples), len(examples), 0, 0)
-    table = _load_table(source, split, subset)
+    table = _load_table(source, split, subset, other_split)
     fields = {
         "prompt_field": prompt_field,
         "answer_field": answer_field,
@@ -252,13 +321,15 @@ def load_examples(
     seed: int = 0,
     subset: str | None = None,
     extract_boxed_answer: bool = False,
+    other_split: str | None = None,
 ) -> list[Example]:
     """Examples from ``source``:
 
     - ``"builtin"``: the synthetic task (:mod:`rltk.data.synthetic`) at ``levels``, split
       ``"train"``/``"test"``, ``num_examples`` (default 5000 train / 500 test), ``seed``;
     - a path ending in ``.jsonl``, ``.json`` or ``.parquet``, or a directory of such files: read
-      with ``datasets.load_dataset("json"|"parquet", data_files=...)`` (a file is one split);
+      with ``datasets.load_dataset("json"|"parquet", data_files=...)`` (a file is one split; in a
+      directory, the files named after ``split``, else every file not named after ``other_split``);
     - anything else: a Hugging Face Hub dataset, ``datasets.load_dataset(source, subset, split=split)``.
 
     For files and Hub datasets, ``prompt_field``/``answer_field`` name the question and answer
@@ -268,8 +339,10 @@ def load_examples(
     answer or a non-string/empty prompt are skipped and counted (warning + :class:`LoadStats`).
     ``num_examples`` keeps the first N usable rows in source order; ``seed`` only affects the
     builtin task. Raises :class:`DataError` for a missing field (naming the available columns),
-    an unreadable source, or no usable rows. :func:`load_examples_with_stats` also returns the
-    skip counts.
+    an unreadable source, or no usable rows, and its subclass :class:`MissingSplitError` when a Hub
+    dataset has no ``split``. :func:`load_examples_with_stats` also returns the skip counts.
+    Which split a recipe evaluates on (and the held-out slice carved when there is no test split)
+    is decided in :mod:`rltk.data.heldout`, not here.
     """
     return load_examples_with_stats(
         source,
@@ -283,4 +356,5 @@ def load_examples(
         seed=seed,
         subset=subset,
         extract_boxed_answer=extract_boxed_answer,
+        other_split=other_split,
     )[0]

@@ -1,16 +1,20 @@
 """The recipe's ``data`` section turned into examples and prompts."""
 from __future__ import annotations
 
+import logging
+
 from rltk.config import ConfigError, DataConfig
+from rltk.data.heldout import carve_for, plan_heldout, question_key, same_source
 from rltk.data.loaders import DataError, Example, load_examples
 from rltk.data.templates import format_prompt
 
+log = logging.getLogger(__name__)
 
-def load_split(cfg: DataConfig, split: str, num_examples: int | None, seed: int = 0, *,
-               source: str | None = None) -> list[Example]:
-    """Examples of ``split`` from ``source`` (default ``cfg.source``) with the recipe's field mapping."""
+
+def _load(cfg: DataConfig, split: str, num_examples: int | None, seed: int, source: str,
+          other_split: str | None = None) -> list[Example]:
     return load_examples(
-        source or cfg.source,
+        source,
         split=split,
         prompt_field=cfg.prompt_field,
         answer_field=cfg.answer_field,
@@ -20,12 +24,70 @@ def load_split(cfg: DataConfig, split: str, num_examples: int | None, seed: int 
         seed=seed,
         subset=cfg.subset,
         extract_boxed_answer=cfg.extract_boxed_answer,
+        other_split=other_split,
     )
 
 
+def load_split(cfg: DataConfig, split: str, num_examples: int | None, seed: int = 0, *,
+               source: str | None = None) -> list[Example]:
+    """Examples of ``split`` from ``source`` (default ``cfg.source``) with the recipe's field mapping.
+
+    The training split of the recipe's own source never holds held-out rows: when the held-out set
+    is carved from it (:mod:`rltk.data.heldout`), the carved questions are left out, and in a
+    directory the files named after ``cfg.test_split`` are never training files."""
+    if source is not None and not same_source(cfg.source, source):
+        return _load(cfg, split, num_examples, seed, source)
+    if split != cfg.train_split:
+        return _load(cfg, split, num_examples, seed, cfg.source)
+    if plan_heldout(cfg).kind == "carved":
+        if num_examples is not None and num_examples < 1:
+            raise DataError(f"num_examples must be >= 1; got {num_examples}")
+        return carve_for(cfg).rest[:num_examples]
+    return _load(cfg, split, num_examples, seed, cfg.source,
+                 other_split=None if cfg.test_split == split else cfg.test_split)
+
+
 def load_test_split(cfg: DataConfig, num_examples: int | None, seed: int = 0) -> list[Example]:
-    """The held-out problems: ``eval_source`` if set, else the test split of ``source``."""
-    return load_split(cfg, cfg.test_split, num_examples, seed, source=cfg.eval_source)
+    """The held-out problems (:func:`rltk.data.heldout.plan_heldout`, logged as one line): ``eval_source``
+    if set to another source, else the source's test split, else the slice carved from its training
+    rows; ``num_examples`` caps them (a carved slice holds ``data.heldout_size`` rows at most)."""
+    plan = plan_heldout(cfg)
+    log.info(plan.describe())
+    if plan.kind == "carved":
+        rows = carve_for(cfg).heldout
+        if num_examples is not None and num_examples > len(rows):
+            log.info("held-out: evaluating all %d carved rows (%d asked for; raise data.heldout_size for more)",
+                     len(rows), num_examples)
+        return rows[:num_examples]
+    if plan.kind == "eval_source":
+        return _load(cfg, cfg.test_split, num_examples, seed, str(cfg.eval_source))
+    return _load(cfg, cfg.test_split, num_examples, seed, cfg.source,
+                 other_split=None if plan.kind == "training_split" else cfg.train_split)
+
+
+def heldout_description(cfg: DataConfig) -> str:
+    """The one line naming where ``cfg``'s held-out rows come from (the report protocol's ``heldout``)."""
+    return plan_heldout(cfg).describe()
+
+
+def check_heldout(cfg: DataConfig, train: list[Example], test: list[Example]) -> str:
+    """For a training run: refuse evaluation rows that are training rows (``data.test_split`` equal to
+    ``data.train_split``, or every held-out question among the training questions), warn about a
+    partial overlap (same question text), and return :func:`heldout_description`'s line."""
+    plan = plan_heldout(cfg)
+    if plan.kind == "training_split":
+        raise DataError(f"data.test_split = data.train_split = '{cfg.train_split}': evaluation would run on the "
+                        "training rows; set data.eval_source or another data.test_split (a source without one gets "
+                        "a carved held-out slice, docs/recipes.md)")
+    seen = {question_key(e.question) for e in train}
+    shared = sum(question_key(e.question) in seen for e in test)
+    if test and shared == len(test):
+        raise DataError(f"every one of the {len(test)} held-out problems ({plan.source}) is also a training problem "
+                        "(same question text); set data.eval_source to data the model does not train on")
+    if shared:
+        log.warning("held-out: %d of %d held-out problems also appear among the %d training rows (same question "
+                    "text)", shared, len(test), len(train))
+    return plan.describe()
 
 
 def build_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[str]:

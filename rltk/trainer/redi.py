@@ -47,7 +47,8 @@ from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.trainer.distributed import accelerator_handlers, configure_deepspeed, micro_batch_sync
 from rltk.trainer.guard import NonFiniteGuard
-from rltk.trainer.logprobs import TokenBatch, forward_logps
+from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
+from rltk.trainer.precision import compute_dtype, mixed_precision
 
 log = logging.getLogger(__name__)
 
@@ -216,10 +217,11 @@ class RediTrainer:
         self.out = Path(recipe.trainer.output_dir)
         self.accelerator = accelerator or Accelerator(
             log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
-            kwargs_handlers=accelerator_handlers())
+            kwargs_handlers=accelerator_handlers(), mixed_precision=mixed_precision(recipe.model))
         if self.accelerator.is_main_process:
             check_writable(self.out)
         set_seed(recipe.trainer.seed)
+        self.head = HeadOptions(recipe.trainer.head_chunk_tokens, compute_dtype(self.accelerator))
         self.model_path = model_path
         self.tokenizer = load_tokenizer(model_path, recipe.model.trust_remote_code)
         self.data = tokenize_table(table, self.tokenizer, recipe)
@@ -277,7 +279,7 @@ class RediTrainer:
         for i, chunk in enumerate(chunks):
             with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
                 batch, labels = collate(chunk, self.data.fmt, self.tokenizer.pad_token_id)
-                logps = forward_logps(self.model, batch).logps
+                logps = forward_logps(self.model, batch, head=self.head).logps
                 mask = batch.completion_mask.to(logps.device)
                 share = len(chunk) / global_rows
                 loss = batch_loss(logps, mask, labels, self.data.fmt, cfg.alpha, cfg.reduction) * share * world
@@ -389,6 +391,7 @@ def sft_recipe(recipe: Recipe) -> Recipe:
     if recipe.redi.sft_data:
         d = r.data
         d.source, d.subset, d.train_split = recipe.redi.sft_data, None, "train"
+        d.eval_source = recipe.data.eval_source or recipe.data.source  # the recipe's held-out set: none carved from the traces
         d.prompt_field, d.answer_field, d.solution_field = "prompt", "completion", "completion"
         d.extract_boxed_answer = False
         if not recipe.redi.format_prompts:  # prompts as written (run_sft appends the EOS to completions)

@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from rltk.algos.pipeline import AlgorithmPipeline, StageCall
 from rltk.algos.types import Advantages, Rollouts
 from rltk.config import ConfigError, Recipe
-from rltk.data.recipe import build_prompts, drop_long_prompts, load_split, load_test_split
+from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
 from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
@@ -37,9 +37,10 @@ from rltk.trainer.checkpoint import latest_checkpoint, push_to_hub, save_checkpo
 from rltk.trainer.distributed import (accelerator_handlers, attach_generation, configure_deepspeed,
                                       generation_session, micro_batch_sync, prepare_frozen)
 from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (TrainingError re-exported)
-from rltk.trainer.logprobs import TokenBatch, forward_logps
+from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
 from rltk.trainer.paced import make_paced
+from rltk.trainer.precision import compute_dtype, mixed_precision
 from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
 from rltk.trainer.sampler_correction import SamplerCorrection
 
@@ -57,12 +58,13 @@ class RLTrainer:
         self.out = Path(t.output_dir)
         self.accelerator = accelerator or Accelerator(
             log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
-            kwargs_handlers=accelerator_handlers(),
+            kwargs_handlers=accelerator_handlers(), mixed_precision=mixed_precision(recipe.model),
         )
         if self.accelerator.is_main_process:
             check_writable(self.out)
         set_seed(t.seed, device_specific=True)
         self.step = 0
+        self.head = HeadOptions(t.head_chunk_tokens, compute_dtype(self.accelerator))  # every log-prob forward
         self.guard = NonFiniteGuard(t.max_bad_steps, "Lower trainer.lr or raise trainer.max_bad_steps; "
                                                      "the last good checkpoint is intact")
         self.counters: dict[str, int] = defaultdict(int)
@@ -150,6 +152,7 @@ class RLTrainer:
         self.counters["skipped_long_prompts"] = skipped
         num_test = self.recipe.eval.num_problems or d.num_test
         test = load_test_split(d, num_test, seed=t.seed)
+        self.heldout = check_heldout(d, train, test)  # refuses evaluation on training rows; names the held-out set
         self.test_examples, self.test_prompts, _ = drop_long_prompts(
             test, build_prompts(test, d, self.tokenizer), self.tokenizer, d.max_prompt_length)
 
@@ -252,7 +255,7 @@ class RLTrainer:
         )
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.model, reference=self.reference,
-                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size)
+                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size, head=self.head)
         rollouts, is_metrics = self.correction.apply(rollouts, generation.sampling_logps)
         timings.update(is_metrics)
         answer_batch = None
@@ -260,7 +263,7 @@ class RLTrainer:
             answer_batch = build_answer_batch(tokens, generation.texts, answers, self.tokenizer,
                                               self.recipe.data.answer_template)
             rollouts = replace(rollouts, answer_logps=answer_logps(self.model, answer_batch, r.temperature,
-                                                                   t.logprob_chunk_size))
+                                                                   t.logprob_chunk_size, self.head))
         timings["time/extra_forwards"] = time.perf_counter() - start
         advantages, stage_metrics = self.pipeline.compute_advantages(rollouts)
         reasons = defaultdict(int)
@@ -389,7 +392,7 @@ class RLTrainer:
             with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
                 start = time.perf_counter()
                 out = forward_logps(self.model, batch.tokens.rows(mb), temperature, with_entropy=needs_entropy,
-                                    with_final_hidden=use_paced)
+                                    with_final_hidden=use_paced, head=self.head)
                 mask_mb = mask_all[mb].to(out.logps.device)
                 loss, token_metrics = torch.zeros((), device=out.logps.device), {}
                 if use_pg:
@@ -445,7 +448,7 @@ class RLTrainer:
 
     def _answer_sft_loss(self, batch: RolloutBatch, mb: torch.Tensor, normalizer: float) -> torch.Tensor:
         """−weight_m · log p(gold answer | prompt, rationale_m), aggregated like the policy loss."""
-        out = forward_logps(self.model, batch.answer.tokens.rows(mb), self.recipe.rollout.temperature)
+        out = forward_logps(self.model, batch.answer.tokens.rows(mb), self.recipe.rollout.temperature, head=self.head)
         keep = batch.advantages.kept()[mb].float().unsqueeze(-1)
         mask = (batch.answer.answer_mask[mb] * keep).to(out.logps.device)
         weights = batch.answer_sft[mb].to(out.logps.device).unsqueeze(-1)
@@ -493,7 +496,8 @@ class RLTrainer:
         settings = EvalSettings(n=e.n, ks=tuple(e.ks) if e.ks else None, temperature=e.temperature, top_p=e.top_p,
                                 max_new_tokens=e.max_new_tokens or r.max_new_tokens, batch_size=e.batch_size,
                                 maj=e.maj, seed=self.recipe.trainer.seed)
-        protocol = {"model": self.policy_path, "step": self.step, "template": self.recipe.data.template}
+        protocol = {"model": self.policy_path, "step": self.step, "template": self.recipe.data.template,
+                    "heldout": self.heldout}
         with generation_session(self.engine):
             return evaluate(self.engine, self.test_examples, self.test_prompts, self.verifier, settings,
                             accelerator=self.accelerator, out_dir=self.out / "eval" / tag, protocol=protocol,

@@ -89,8 +89,8 @@ def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
             max_length=recipe.data.max_prompt_length + recipe.rollout.max_new_tokens,
             disable_tqdm=not recipe.logging.progress,
             dataloader_num_workers=0,
-            bf16=recipe.model.dtype == "bfloat16",
-            fp16=False,
+            bf16=recipe.model.dtype == "bfloat16",  # autocast over the float32 weights load_model gives
+            fp16=recipe.model.dtype == "float16",
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
         trainer.train()
