@@ -11,9 +11,10 @@ Any accelerate YAML is read (``distributed_type``, ``num_processes``, ``num_mach
 ``deepspeed_config`` with ``zero_stage`` / ``offload_*_device`` or a ``deepspeed_config_file``).
 Model sizes and contexts come from a small table of the models the recipes use, a local
 ``config.json``, or the built-in tiny model; for other models those checks are skipped and the
-summary says so. The memory check is a lower bound (weights, gradients, optimizer states, the
-reference and teacher models, vLLM's reserved share; activations are not counted), so exceeding
-it is a certain out-of-memory, and passing it is not a promise.
+summary says so. The memory figure adds the model states (float32 masters and optimizer state:
+rltk/trainer/precision.py), the reference and teacher models, vLLM's reserved share, and one
+micro-batch's activations and log-prob working set (:mod:`rltk.memory`, validated on CPU within
+±25%); fragmentation, CUDA context and communication buffers are not counted.
 """
 from __future__ import annotations
 
@@ -24,19 +25,23 @@ from pathlib import Path
 import yaml
 
 from rltk.config import ConfigError, Recipe, load_recipe
+from rltk.memory import GIB, ModelShape, StepShape, step_working_set
 
-GIB = 1024**3
 
-# name -> (parameters, context length = max_position_embeddings of the model's config.json)
-KNOWN_MODELS: dict[str, tuple[float, int]] = {
-    "Qwen/Qwen2.5-Math-1.5B": (1.54e9, 4096),
-    "Qwen/Qwen2.5-Math-7B": (7.62e9, 4096),
-    "Qwen/Qwen2.5-Math-1.5B-Instruct": (1.54e9, 4096),
-    "Qwen/Qwen2.5-Math-7B-Instruct": (7.62e9, 4096),
-    "Qwen/Qwen2.5-Math-72B-Instruct": (72.7e9, 4096),
-    "Qwen/Qwen2.5-1.5B-Instruct": (1.54e9, 32768),
-    "Qwen/Qwen2.5-7B-Instruct": (7.62e9, 32768),
-    "Qwen/Qwen3-4B": (4.02e9, 40960),
+# the models the recipes use: their config.json sizes (context = max_position_embeddings)
+_QWEN25_1_5B = dict(hidden=1536, layers=28, intermediate=8960, heads=12, kv_heads=2, vocab=151936, tied=True)
+_QWEN25_7B = dict(hidden=3584, layers=28, intermediate=18944, heads=28, kv_heads=4, vocab=152064, tied=False)
+KNOWN_MODELS: dict[str, ModelShape] = {
+    "Qwen/Qwen2.5-Math-1.5B": ModelShape(**_QWEN25_1_5B, context=4096),
+    "Qwen/Qwen2.5-Math-7B": ModelShape(**_QWEN25_7B, context=4096),
+    "Qwen/Qwen2.5-Math-1.5B-Instruct": ModelShape(**_QWEN25_1_5B, context=4096),
+    "Qwen/Qwen2.5-Math-7B-Instruct": ModelShape(**_QWEN25_7B, context=4096),
+    "Qwen/Qwen2.5-Math-72B-Instruct": ModelShape(hidden=8192, layers=80, intermediate=29568, heads=64, kv_heads=8,
+                                                 vocab=152064, tied=False, context=4096),
+    "Qwen/Qwen2.5-1.5B-Instruct": ModelShape(**_QWEN25_1_5B, context=32768),
+    "Qwen/Qwen2.5-7B-Instruct": ModelShape(**_QWEN25_7B, context=32768),
+    "Qwen/Qwen3-4B": ModelShape(hidden=2560, layers=36, intermediate=9728, heads=32, kv_heads=8, head_dim=128,
+                                vocab=151936, tied=True, context=40960),
 }
 
 _LAUNCH_COMMENT = re.compile(r"^#\s*launch:\s*(\S+)(?:\s+--num-processes\s+(\d+))?")
@@ -53,6 +58,7 @@ class LaunchLayout:
     zero_stage: int | None = None  # DeepSpeed ZeRO stage, None without DeepSpeed
     offload_optimizer: bool = False
     offload_params: bool = False
+    mixed_precision: str = "no"  # accelerate's mixed_precision: no | bf16 | fp16
 
     @property
     def per_machine(self) -> int:
@@ -92,7 +98,7 @@ def read_launch_config(path: str | Path, num_processes: int | None = None) -> La
             off_opt = str(ds.get("offload_optimizer_device", "none")).lower() != "none"
             off_param = str(ds.get("offload_param_device", "none")).lower() != "none"
     return LaunchLayout(str(path), int(processes), int(data.get("num_machines", 1) or 1), kind, stage, off_opt,
-                        off_param)
+                        off_param, str(data.get("mixed_precision", "no") or "no").lower())
 
 
 def intended_launch(recipe_path: str | Path) -> tuple[str, int | None] | None:
@@ -107,17 +113,13 @@ def intended_launch(recipe_path: str | Path) -> tuple[str, int | None] | None:
     return None
 
 
-def model_facts(recipe: Recipe) -> tuple[float | None, int | None]:
-    """(parameters, context length) of the recipe's model without downloading; None when unknown."""
+def model_facts(recipe: Recipe) -> tuple[ModelShape | None, int | None]:
+    """(shape, context length) of the recipe's model without downloading; None when unknown."""
     m = recipe.model
     if m.name_or_path == "tiny":
         return None, m.tiny.max_position_embeddings
-    if m.name_or_path in KNOWN_MODELS:
-        return KNOWN_MODELS[m.name_or_path]
-    config = Path(m.name_or_path).expanduser() / "config.json"
-    if config.is_file():
-        return None, json.loads(config.read_text()).get("max_position_embeddings")
-    return None, None
+    shape = KNOWN_MODELS.get(m.name_or_path) or ModelShape.from_directory(m.name_or_path)
+    return shape, shape.context if shape else None
 
 
 def _training_processes(recipe: Recipe, layout: LaunchLayout, explicit: bool) -> tuple[int, int]:
@@ -213,71 +215,156 @@ def _check_lengths(recipe: Recipe, context: int | None) -> list[str]:
     return [f"context: prompt ≤ {d.max_prompt_length} + completion ≤ {max(v for _, v in pairs)} fits {limit}"]
 
 
-def memory_lower_bound(recipe: Recipe, layout: LaunchLayout, world: int, params: float) -> dict[str, float]:
-    """Bytes per training GPU that cannot be avoided: weights, gradients, optimizer, the frozen
-    reference and teacher models (whole on every process, sharded under ZeRO-3:
-    :func:`rltk.trainer.distributed.prepare_frozen`; a teacher of unknown size is not counted)."""
-    m, wb = recipe.model, _bytes_per_weight(recipe.model.dtype)
-    stage, n = layout.zero_stage, world
-    parts: dict[str, float] = {}
-    shard_w = n if stage == 3 else 1
-    if m.lora is not None:
-        parts["weights"] = (0.5 if m.lora.load_in_4bit else wb) * params / shard_w
-    elif stage is None:
-        parts.update(weights=wb * params, gradients=wb * params, optimizer=2 * wb * params)  # torch AdamW
-    else:  # DeepSpeed mixed precision: fp32 master weights + Adam moments (12 bytes/param)
-        parts["weights"] = 0.0 if layout.offload_params else 2 * params / shard_w
-        parts["gradients"] = 2 * params / (n if stage >= 2 else 1)
-        parts["optimizer"] = 0.0 if layout.offload_optimizer else 12 * params / n
-    from rltk.algos.pipeline import AlgorithmPipeline
-
-    a, teacher = recipe.algorithm, recipe.teacher
-    if "ref_logps" in AlgorithmPipeline(a.advantage, a.loss, a.aggregation, a.terms).needs() and m.lora is None:
-        parts["reference model"] = wb * params / shard_w
-    if a.paced is not None and teacher.name_or_path in KNOWN_MODELS:
-        parts["teacher model"] = _bytes_per_weight(teacher.dtype) * KNOWN_MODELS[teacher.name_or_path][0] / shard_w
-    return parts
+def compute_dtype(recipe: Recipe, layout: LaunchLayout) -> str:
+    """The training forward's compute dtype: the recipe's bf16/fp16, else the launch config's."""
+    m = recipe.model
+    if m.dtype in ("bfloat16", "float16"):
+        return m.dtype
+    return {"bf16": "bfloat16", "fp16": "float16"}.get(layout.mixed_precision, "float32")
 
 
 def _bytes_per_weight(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
-def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, params: float | None,
+def model_state_bytes(recipe: Recipe, layout: LaunchLayout, world: int, params: float) -> dict[str, float]:
+    """Weights, gradients and optimizer state per GPU (rltk/trainer/precision.py): float32 masters
+    with float32 Adam moments (16 bytes/param) without DeepSpeed, bf16 weights and gradients plus a
+    sharded float32 master + moments (12 bytes/param) under DeepSpeed mixed precision; a LoRA base
+    is frozen in ``model.dtype`` (adapters are not counted); ``pure_bf16`` keeps everything bf16."""
+    m, stage, n = recipe.model, layout.zero_stage, world
+    shard_w = n if stage == 3 else 1
+    if m.lora is not None:
+        return {"weights": (0.5 if m.lora.load_in_4bit else _bytes_per_weight(m.dtype)) * params / shard_w}
+    if stage is None:
+        b = 2 if m.pure_bf16 else 4
+        return {"weights": b * params, "gradients": b * params, "optimizer": 2 * b * params}  # torch AdamW
+    half = compute_dtype(recipe, layout) != "float32"
+    b = 2 if half else 4
+    return {"weights": 0.0 if layout.offload_params else b * params / shard_w,
+            "gradients": b * params / (n if stage >= 2 else 1),
+            "optimizer": 0.0 if layout.offload_optimizer else (12 if half else 8) * params / n}
+
+
+def _micro_batch(recipe: Recipe, shape: ModelShape, layout: LaunchLayout, world: int) -> StepShape:
+    """The largest micro-batch a training forward sees on one GPU."""
+    t, r, m = recipe.trainer, recipe.rollout, recipe.model
+    common = dict(compute_dtype=compute_dtype(recipe, layout), gradient_checkpointing=m.gradient_checkpointing,
+                  attn_implementation=m.attn_implementation, head_chunk=t.head_chunk_tokens,
+                  weight_dtype="float32" if compute_dtype(recipe, layout) == "float32" or (
+                      layout.zero_stage is None and not m.pure_bf16) else "bfloat16")  # DeepSpeed's bf16 module
+    if recipe.redi.data is not None or recipe.redi.sft_data is not None:
+        return StepShape(rows=recipe.redi.micro_batch_size, prompt=0, completion=recipe.redi.max_length, **common)
+    per_rank = max(1, t.prompts_per_step // t.mini_batches // world) * r.group_size
+    micro = t.micro_batch_size // r.group_size * r.group_size if t.micro_batch_size >= r.group_size else \
+        t.micro_batch_size
+    return StepShape(rows=min(micro, per_rank), prompt=recipe.data.max_prompt_length, completion=r.max_new_tokens,
+                     **common)
+
+
+def memory_estimate(recipe: Recipe, layout: LaunchLayout, world: int, shape: ModelShape) -> dict[str, float]:
+    """Bytes per training GPU: model states, the frozen reference and teacher models (whole on every
+    process, sharded under ZeRO-3: :func:`rltk.trainer.distributed.prepare_frozen`; a teacher of
+    unknown size is not counted), and one micro-batch's activations and log-prob working set
+    (:mod:`rltk.memory`). vLLM's colocated share is added by the caller."""
+    m, params = recipe.model, shape.params
+    shard_w = world if layout.zero_stage == 3 else 1
+    parts = model_state_bytes(recipe, layout, world, params)
+    from rltk.algos.pipeline import AlgorithmPipeline
+
+    a, teacher = recipe.algorithm, recipe.teacher
+    if "ref_logps" in AlgorithmPipeline(a.advantage, a.loss, a.aggregation, a.terms).needs() and m.lora is None:
+        parts["reference model"] = _bytes_per_weight(m.dtype) * params / shard_w
+    if a.paced is not None and teacher.name_or_path in KNOWN_MODELS:
+        parts["teacher model"] = _bytes_per_weight(teacher.dtype) * KNOWN_MODELS[teacher.name_or_path].params / shard_w
+    parts.update(step_working_set(shape, _micro_batch(recipe, shape, layout, world)))
+    return parts
+
+
+def _precision_line(recipe: Recipe, layout: LaunchLayout) -> str:
+    m = recipe.model
+    if m.pure_bf16:
+        return ("precision: pure bf16 (model.pure_bf16) — no float32 master weights: an update below ~2^-9 of a "
+                "weight rounds away (at lr 1e-6 most do)")
+    compute = compute_dtype(recipe, layout)
+    if compute == "float32":
+        return "precision: float32 weights, optimizer state and compute"
+    return f"precision: {compute} compute (autocast) over float32 master weights and optimizer state"
+
+
+def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, shape: ModelShape | None,
                   gpu_memory_gb: float) -> list[str]:
-    if params is None:
+    if shape is None:
         return ["memory: not checked (model size unknown)"]
-    parts = memory_lower_bound(recipe, layout, world, params)
+    parts = memory_estimate(recipe, layout, world, shape)
     total_gpu = gpu_memory_gb * GIB
     r = recipe.rollout
     if r.engine == "vllm" and r.vllm.mode == "colocate":
         share = r.vllm.gpu_memory_utilization * total_gpu
-        weights = 2 * params / r.vllm.tensor_parallel_size
+        weights = 2 * shape.params / r.vllm.tensor_parallel_size
         if share < 1.1 * weights:
             raise ConfigError(f"rollout.vllm.gpu_memory_utilization {r.vllm.gpu_memory_utilization} × "
                               f"{gpu_memory_gb:g} GiB = {share / GIB:.1f} GiB cannot hold vLLM's copy of the weights "
                               f"({weights / GIB:.1f} GiB) plus a KV cache; raise it or the tensor_parallel_size")
         parts["vLLM (gpu_memory_utilization)"] = share
     need = sum(parts.values())
+    if r.engine == "vllm" and r.vllm.mode == "colocate" and r.vllm.enable_sleep_mode:
+        # vLLM sleeps (weights offloaded, KV cache dropped) while training runs: the two peaks alternate
+        step = parts["activations"] + parts["log-prob working set"]
+        need -= min(step, parts["vLLM (gpu_memory_utilization)"])
     detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items() if v)
     if need > total_gpu:
-        raise ConfigError(f"memory: at least {need / GIB:.1f} GiB per GPU ({detail}) exceeds {gpu_memory_gb:g} GiB "
-                          "before activations; use a ZeRO-3 launch config, offload, LoRA, or a lower "
+        raise ConfigError(f"memory: about {need / GIB:.1f} GiB per GPU ({detail}) exceeds {gpu_memory_gb:g} GiB; "
+                          "lower trainer.micro_batch_size or trainer.head_chunk_tokens, turn on "
+                          "model.gradient_checkpointing, or use ZeRO-3, offload, LoRA or a lower "
                           "rollout.vllm.gpu_memory_utilization")
     teacher = recipe.teacher.name_or_path if recipe.algorithm.paced is not None else None
     unknown = f"; teacher '{teacher}' not counted (size unknown)" if teacher and "teacher model" not in parts else ""
-    return [f"memory: ≥ {need / GIB:.1f} of {gpu_memory_gb:g} GiB per GPU before activations ({detail}){unknown}"]
+    asleep = "; vLLM sleeps while training, so the larger of its share and the micro-batch counts" \
+        if r.engine == "vllm" and r.vllm.mode == "colocate" and r.vllm.enable_sleep_mode else ""
+    return [f"memory: about {need / GIB:.1f} of {gpu_memory_gb:g} GiB per GPU ({detail}){unknown}{asleep}"]
+
+
+def layout_of(accelerator) -> LaunchLayout:
+    """The running job's layout, as :func:`read_launch_config` would read its launch config."""
+    from rltk.trainer.distributed import deepspeed_plugin, zero_stage
+
+    plugin = deepspeed_plugin(accelerator)
+    zero = plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}
+
+    def offloaded(key: str) -> bool:
+        return str((zero.get(key) or {}).get("device", "none")).lower() not in ("none", "")
+
+    return LaunchLayout("the running job", accelerator.num_processes, 1, str(accelerator.distributed_type),
+                        zero_stage(accelerator) if plugin is not None else None, offloaded("offload_optimizer"),
+                        offloaded("offload_param"), str(accelerator.mixed_precision))
+
+
+def check_memory_at_start(recipe: Recipe, accelerator) -> str | None:
+    """On a GPU, the memory figure of ``rltk check`` for the running job and this GPU's size: a
+    one-line ConfigError when it does not fit, the summary line otherwise; ``None`` on CPU or for a
+    model of unknown size."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    shape, _ = model_facts(recipe)
+    if shape is None:
+        return None
+    total = round(torch.cuda.get_device_properties(accelerator.device).total_memory / GIB, 1)
+    return _check_memory(recipe, layout_of(accelerator), accelerator.num_processes, shape, total)[0]
 
 
 def check_recipe(recipe: Recipe, layout: LaunchLayout, *, explicit_processes: bool = False,
                  gpu_memory_gb: float = 80.0) -> list[str]:
     """Every check of the module docstring; the first failure is a one-line ConfigError."""
     world, server = _training_processes(recipe, layout, explicit_processes)
-    params, context = model_facts(recipe)
+    shape, context = model_facts(recipe)
     lines = _check_parallelism(recipe, layout, world, server)
     lines += _check_batches(recipe, world)
     lines += _check_lengths(recipe, context)
-    lines += _check_memory(recipe, layout, world, params, gpu_memory_gb)
+    lines.append(_precision_line(recipe, layout))
+    lines += _check_memory(recipe, layout, world, shape, gpu_memory_gb)
     if recipe.rollout.engine == "vllm":
         from rltk.rollout.vllm import vllm_available
         from rltk.trainer.sampler_correction import correction_enabled

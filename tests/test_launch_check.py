@@ -63,12 +63,12 @@ def test_real_recipe_passes_its_dry_run(path, tmp_path):
 
 
 def test_the_7b_recipes_do_not_fit_plain_ddp():
-    with pytest.raises(ConfigError, match=r"^memory: at least .* exceeds 80 GiB"):
+    with pytest.raises(ConfigError, match=r"^memory: about .* exceeds 80 GiB"):
         check_recipe_file(ROOT / "recipes" / "qwen2.5-math-7b" / "grpo.yaml", launch=str(ROOT / "launch" / "ddp.yaml"))
 
 
 def _check(tmp_path, overrides=(), launch=None, **kw):
-    data = {"model": {"name_or_path": "Qwen/Qwen2.5-Math-1.5B", "dtype": "bfloat16"},
+    data = {"model": {"name_or_path": "Qwen/Qwen2.5-Math-1.5B", "dtype": "bfloat16", "gradient_checkpointing": True},
             "rollout": {"engine": "vllm", "group_size": 8, "max_new_tokens": 3072},
             "data": {"max_prompt_length": 1024},
             "trainer": {"prompts_per_step": 64, "mini_batches": 2, "micro_batch_size": 16, "steps": 10}}
@@ -94,7 +94,7 @@ def test_a_good_layout_reports_its_numbers(tmp_path):
     (["rollout.vllm.gpu_memory_utilization=0.02"], "rollout.vllm.gpu_memory_utilization 0.02 × 80 GiB = 1.6 GiB "
                                                    "cannot hold vLLM's copy"),
     (["rollout.vllm.mode=server", "rollout.vllm.tensor_parallel_size=8"], "rollout.vllm: the vLLM server takes 8 GPUs"),
-    (["model.name_or_path=Qwen/Qwen2.5-Math-7B"], "memory: at least"),
+    (["model.name_or_path=Qwen/Qwen2.5-Math-7B"], "memory: about"),
     (["algorithm.sampler={name: pairing}", "trainer.prompts_per_step=8", "trainer.mini_batches=1"],
      "trainer.prompts_per_step: the pairing sampler needs an even number of prompts per process"),
 ])
@@ -103,6 +103,27 @@ def test_malformed_combinations_fail_with_one_line(tmp_path, overrides, message)
         _check(tmp_path, overrides)
     assert str(info.value).startswith(message), str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_memory_counts_the_micro_batch_and_names_the_precision(tmp_path):
+    """Activations and the log-prob working set are part of the figure: 16 × 4,096 tokens of the
+    1.5B without gradient checkpointing need ~215 GiB of activations; the dense logits path
+    (head_chunk_tokens 0) ~112 GiB of logits. Pure bf16 is named."""
+    lines = _check(tmp_path)
+    memory = next(line for line in lines if line.startswith("memory:"))
+    assert "activations 18.4, log-prob working set 3.2" in memory
+    assert "precision: bfloat16 compute (autocast) over float32 master weights and optimizer state" in lines
+    assert "weights 5.8, gradients 5.8, optimizer 11.5" in memory  # 1.54e9 × (4 + 4 + 8) bytes
+    with pytest.raises(ConfigError, match=r"^memory: about .*activations 215\.5.* exceeds 80 GiB; lower "
+                                          r"trainer.micro_batch_size"):
+        _check(tmp_path, ["model.gradient_checkpointing=false"])
+    with pytest.raises(ConfigError, match=r"log-prob working set 111\.8.* exceeds 80 GiB"):
+        _check(tmp_path, ["trainer.head_chunk_tokens=0"])
+    pure = _check(tmp_path, ["model.pure_bf16=true"])
+    assert any(line.startswith("precision: pure bf16 (model.pure_bf16)") for line in pure)
+    assert "weights 2.9, gradients 2.9, optimizer 5.8" in next(line for line in pure if line.startswith("memory:"))
+    asleep = _check(tmp_path, ["rollout.vllm.enable_sleep_mode=true", "rollout.vllm.gpu_memory_utilization=0.5"])
+    assert next(line for line in asleep if line.startswith("memory:")).startswith("memory: about 63.0 of 80 GiB")  # states 23.0 + max(vLLM 40, step 21.6)
 
 
 def test_server_mode_subtracts_the_server_gpus(tmp_path):
@@ -117,8 +138,8 @@ def test_server_mode_subtracts_the_server_gpus(tmp_path):
 
 def test_zero_and_offload_rules(tmp_path):
     zero3 = _zero3(tmp_path)
-    lines = _check(tmp_path, ["model.name_or_path=Qwen/Qwen2.5-Math-7B", "rollout.vllm.gpu_memory_utilization=0.5"],
-                   launch=zero3)
+    lines = _check(tmp_path, ["model.name_or_path=Qwen/Qwen2.5-Math-7B", "rollout.vllm.gpu_memory_utilization=0.5",
+                              "trainer.micro_batch_size=8"], launch=zero3)
     assert "ZeRO-3" in lines[0]
     bad = tmp_path / "zero2_param_offload.yaml"
     config = yaml.safe_load(zero3.read_text())
@@ -197,3 +218,24 @@ def test_frozen_models_count_whole_per_process_and_sharded_under_zero3():
         "; teacher 'someone/unknown-72b' not counted (size unknown)")
     reference = check_recipe_file(ROOT / "recipes" / "qwen2.5-math-7b" / "grpo.yaml", ["algorithm.terms=[{name: kl, coef: 0.01}]"])
     assert "reference model 1.8," in [line for line in reference if line.startswith("memory: ")][0]
+
+
+def test_training_on_a_gpu_refuses_a_micro_batch_that_cannot_fit(monkeypatch):
+    """At start, on a GPU, RLTrainer runs the same memory figure against the GPU's real size."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from rltk.launch_check import check_memory_at_start
+
+    recipe = build_recipe({"model": {"name_or_path": "Qwen/Qwen2.5-Math-1.5B", "dtype": "bfloat16"},
+                           "rollout": {"group_size": 8, "max_new_tokens": 3072}, "data": {"max_prompt_length": 1024},
+                           "trainer": {"prompts_per_step": 16, "micro_batch_size": 16}})
+    job = SimpleNamespace(num_processes=1, distributed_type="MULTI_GPU", mixed_precision="bf16", device="cuda:0")
+    assert check_memory_at_start(recipe, job) is None  # no GPU here: nothing to compare with
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    with pytest.raises(ConfigError, match=r"^memory: about .*activations 215\.5.* exceeds 80 GiB"):
+        check_memory_at_start(recipe, job)  # no gradient checkpointing: 16 x 4,096 tokens of activations
+    recipe.model.gradient_checkpointing = True
+    assert check_memory_at_start(recipe, job).startswith("memory: about 44.6 of 80 GiB")

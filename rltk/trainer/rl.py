@@ -75,6 +75,11 @@ class RLTrainer:
         self.needs = self.pipeline.needs() | ({"old_logps"} if self.updates_per_batch > 1 else set())
         self.needs |= self.correction.needs()
         self._check_layout()
+        from rltk.launch_check import check_memory_at_start
+
+        memory = check_memory_at_start(recipe, self.accelerator)  # on a GPU: refuse what cannot fit, before loading
+        if memory and self.accelerator.is_main_process:
+            log.info(memory)
         self._setup_model(policy_path or resolve_model_path(recipe.model, self.out))
         self.paced = make_paced(recipe, self.tokenizer, self.accelerator)  # PACED distillation, or None
         self._setup_data()
