@@ -8,9 +8,10 @@ Qwen2.5-0.5B.
 * ResRL: the ``resrl`` modifier with its defaults (rank 64, at most 4096 correct-completion rows per
   group, so every group here is under the cap) after a ``grpo`` advantage, given random hidden
   states [N, T, 896] and correctness with mixed groups: group g has 1 + (g mod (group_size − 1))
-  correct completions, so every group is used and both of resrl's bases occur (the exact SVD for
-  one correct completion of 512 rows, ``pca_lowrank`` above 2**20 elements). Values of the hidden
-  states do not change the work. Time spent in ``positive_basis`` (SVD / pca_lowrank) and in
+  correct completions, so every group is used and both of resrl's bases occur (the exact Gram
+  eigendecomposition for one correct completion of 512 rows, min(rows, H) ≤ 512; the randomized
+  subspace iteration from 1,024 rows, min(rows, H) = 896). Values of the hidden states do not change
+  the work. Time spent in ``positive_basis`` (exact / randomized basis) and in
   ``residual_distance`` (the projection) is measured by wrapping the two functions.
 * Model: a random-init Qwen2 with Qwen2.5-0.5B's widths (hidden 896, MLP 4864, 14 heads, 2 KV heads,
   tied embeddings) but ``--layers`` layers and a ``--vocab``-token vocabulary, forward with gradient
@@ -25,6 +26,16 @@ repeats are dropped and the medians of the rest are reported. Run it alone on an
 machine. See benchmarks/README.md for measured figures.
 
     python benchmarks/resrl_overhead.py --layers 1 --vocab 4096 --repeats 3 --warmup 1 --threads 2
+
+``--basis`` measures only the per-group basis instead (no model): for each ``--sizes`` entry
+rows × H, float32 input with a slowly decaying spectrum (σ_i = 1/√(i+1), random orthogonal factors),
+it times ``gram_basis`` (exact), ``randomized_basis`` (what ``positive_basis`` uses above
+EXACT_MAX_DIM) and the basis rltk used before, ``torch.pca_lowrank(q=k, niter=4)`` (no
+oversampling), interleaved in each repeat, rank 64; and reports the smallest principal cosine of the
+two randomized bases against the exact one. Medians of wall-clock and of process CPU time (steadier
+on a shared machine) after ``--warmup`` untimed repeats.
+
+    OMP_NUM_THREADS=1 python benchmarks/resrl_overhead.py --basis --threads 1 --repeats 3 --warmup 1
 """
 from __future__ import annotations
 
@@ -61,7 +72,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--basis", action="store_true",
+                   help="time only the per-group basis (exact / randomized / old pca_lowrank) at --sizes")
+    p.add_argument("--sizes", default="4096x3584,4096x896,2048x768",
+                   help="--basis: comma-separated rows x H (default 4096x3584,4096x896,2048x768)")
+    p.add_argument("--rank", type=int, default=64, help="--basis: the rank knob (default 64)")
     args = p.parse_args(argv)
+    try:
+        args.sizes = [tuple(int(v) for v in item.lower().split("x")) for item in args.sizes.split(",")]
+    except ValueError:
+        p.error(f"--sizes must look like 4096x3584,2048x768, got {args.sizes!r}")
+    if any(len(sz) != 2 or min(sz) < 2 for sz in args.sizes) or args.rank < 1:
+        p.error("--sizes needs rows x H pairs of at least 2 each, --rank at least 1")
     for name in ("layers", "vocab", "groups", "tokens", "micro_batch", "repeats", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -144,9 +166,82 @@ class PartTimer:
         return out
 
 
+def slow_spectrum(rows: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """float32 rows × size with singular values 1/√(i+1) and random orthogonal factors."""
+    r = min(rows, size)
+    left = torch.linalg.qr(torch.randn(rows, r, dtype=torch.float64, generator=generator)).Q
+    right = torch.linalg.qr(torch.randn(size, r, dtype=torch.float64, generator=generator)).Q
+    sigma = 1.0 / torch.arange(1, r + 1, dtype=torch.float64).sqrt()
+    return ((left * sigma) @ right.T).float()
+
+
+def basis_main(args: argparse.Namespace) -> dict:
+    """The --basis mode: exact vs randomized vs the old pca_lowrank basis, time and accuracy."""
+    from rltk.algos import resrl as resrl_module
+
+    def old_pca_lowrank(x: torch.Tensor, rank: int) -> torch.Tensor:  # rltk's basis before 2500fd4
+        k = min(rank, x.shape[0] - 1, x.shape[1])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(args.seed)
+            _, _, v = torch.pca_lowrank(x - x.mean(0), q=k, center=False, niter=4)
+        return v[:, :k]
+
+    methods = {
+        "exact": lambda x: resrl_module.gram_basis(x, args.rank)[1],
+        "randomized": lambda x: resrl_module.randomized_basis(x, args.rank, args.seed)[1],
+        "pca_lowrank": lambda x: old_pca_lowrank(x, args.rank),
+    }
+    generator = torch.Generator().manual_seed(args.seed)
+    results = []
+    print(f"per-group basis, rank {args.rank}, {args.threads} thread(s), float32 input, σ_i = 1/√(i+1); "
+          f"EXACT_MAX_DIM {resrl_module.EXACT_MAX_DIM}, POWER_ITERS {resrl_module.POWER_ITERS}, "
+          f"l = k + max(k, {resrl_module.MIN_OVERSAMPLE}); medians of wall-clock and process CPU seconds", flush=True)
+    for rows, size in args.sizes:
+        x = slow_spectrum(rows, size, generator)
+        seconds = {name: [] for name in methods}
+        cpu_seconds = {name: [] for name in methods}
+        bases = {}
+        for i in range(args.warmup + args.repeats):
+            for name, fn in methods.items():
+                start, start_cpu = time.perf_counter(), time.process_time()
+                bases[name] = fn(x)
+                if i >= args.warmup:
+                    seconds[name].append(time.perf_counter() - start)
+                    cpu_seconds[name].append(time.process_time() - start_cpu)
+        exact = bases["exact"].double()
+        row = {"rows": rows, "hidden": size,
+               "dispatch": resrl_module.basis_method(rows, size, args.rank),
+               **{f"{name}_s": statistics.median(v) for name, v in seconds.items()},
+               **{f"{name}_cpu_s": statistics.median(v) for name, v in cpu_seconds.items()},
+               **{f"{name}_runs_s": v for name, v in seconds.items()}}
+        for name in ("randomized", "pca_lowrank"):
+            cosines = torch.linalg.svdvals(bases[name].double().T @ exact)
+            row[f"{name}_min_cosine"] = cosines.min().item() if cosines.numel() else 1.0
+        results.append(row)
+        print(f"  {rows} x {size} (positive_basis: {row['dispatch']}): "
+              f"exact {row['exact_s']:.3f} s (cpu {row['exact_cpu_s']:.3f}), "
+              f"randomized {row['randomized_s']:.3f} s (cpu {row['randomized_cpu_s']:.3f}; "
+              f"smallest cosine {row['randomized_min_cosine']:.4f}), "
+              f"old pca_lowrank {row['pca_lowrank_s']:.3f} s (cpu {row['pca_lowrank_cpu_s']:.3f}; "
+              f"smallest cosine {row['pca_lowrank_min_cosine']:.4f})", flush=True)
+    report = {
+        "config": {"mode": "basis", "rank": args.rank, "threads": args.threads, "repeats": args.repeats,
+                   "warmup": args.warmup, "seed": args.seed, "exact_max_dim": resrl_module.EXACT_MAX_DIM,
+                   "power_iters": resrl_module.POWER_ITERS},
+        "machine": {"cpu_count": os.cpu_count(), "processor": platform.processor() or platform.machine(),
+                    "python": platform.python_version(), "torch": torch.__version__},
+        "sizes": results,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.basis:
+        return basis_main(args)
     import transformers
 
     from rltk.algos import resrl as resrl_module
@@ -195,7 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"vocab {args.vocab} ({report['model_parameters'] / 1e6:.1f}M parameters), micro-batch {args.micro_batch}, "
           f"{args.threads} thread(s), {args.repeats} timed repeats after {args.warmup} warm-up")
     print(f"forward+backward (median): {report['median_forward_backward_s']:.3f} s")
-    print(f"resrl (median): {1000 * resrl_s:.1f} ms — basis (SVD/pca_lowrank) {1000 * report['median_basis_s']:.1f} ms "
+    print(f"resrl (median): {1000 * resrl_s:.1f} ms — basis (exact/randomized) {1000 * report['median_basis_s']:.1f} ms "
           f"({100 * report['median_basis_s'] / resrl_s:.0f}%), projection {1000 * report['median_projection_s']:.1f} ms "
           f"({100 * report['median_projection_s'] / resrl_s:.0f}%)")
     print(f"ratio resrl / forward+backward: {report['ratio_resrl_over_forward_backward']:.4f} "

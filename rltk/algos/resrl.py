@@ -22,18 +22,31 @@ Choices this module makes (ALGORITHMS.md leaves them open):
   (``Advantages.keep``); dropped completions neither build the subspace nor set the quantiles.
 - Groups are whole by the trainer's contract (the released code builds the subspace from
   micro-batch fragments; we deliberately do not).
-- The basis is exact at every size: the top-k eigenvectors of the smaller Gram matrix in float64
-  (XᵀX [H, H] when rows ≥ H, else XXᵀ [rows, rows] and V = XᵀU / σ), ``torch.linalg.eigh``.
-  Directions with σ ≤ 1e-6·σ_max (numerically null: the centring removes one, repeated rows more)
-  are dropped rather than divided by ~0, so a rank-deficient group gets fewer than k columns; exact
-  SVD would fill them with arbitrary null-space directions. It is deterministic and draws no random
-  numbers. It replaces an exact SVD below 2**20 elements and ``torch.pca_lowrank(q=k, niter=4)``
-  above, which has no oversampling and departed from the exact subspace on slowly decaying
-  spectra (smallest principal cosine 0.035 at 2,048 × 768), so the weights changed character with
-  the group's size. Cost at 4,096 × 3,584 (7B hidden size, the default row cap), one CPU thread:
-  see docs/algorithms/resrl.md.
-- The positive-row subset uses a local CPU ``torch.Generator`` seeded by (seed, group id), so a
-  group's subset does not depend on what else is in the batch.
+- The basis: exact where that is cheap, a randomized subspace iteration with oversampling where
+  it is not (``positive_basis`` dispatches, ``basis_method`` says which):
+  * min(rows, H) ≤ EXACT_MAX_DIM (640): ``gram_basis``, the top-k eigenvectors of the smaller Gram
+    matrix in float64 (XᵀX [H, H] when rows ≥ H, else XXᵀ [rows, rows] and V = XᵀU / σ),
+    ``torch.linalg.eigh``; deterministic, no random numbers.
+  * above: ``randomized_basis``, l = k + max(k, 16) Gaussian test vectors from a local generator
+    seeded by (seed, group id), POWER_ITERS (5) power iterations re-orthonormalised after every
+    product, float32 products, then a float64 SVD of QᵀX [l, H]. Principal cosines against the exact
+    top 64 ≥ 0.999 on a slowly decaying spectrum (σ_i = 1/√(i+1)) at 2,048 × 768, 4,096 × 896 and
+    4,096 × 3,584; deterministic given the input and seed; the global RNG is not touched. Where the
+    spectrum has no gap at k (nearly isotropic rows) the top k directions are barely determined by
+    the data and this path does not reproduce the exact ones.
+  Directions with σ ≤ 1e-6·σ_max (1e-5·σ_max on the float32 randomized path, whose rounding leaves
+  null directions at ~1e-7·σ_max) are numerically null (the centring removes one, repeated rows
+  more) and are dropped, so a rank-deficient group gets fewer than k columns; exact SVD would fill
+  them with arbitrary null-space directions.
+  Why: rltk first used exact SVD below 2**20 elements and ``torch.pca_lowrank(q=k, niter=4)`` above;
+  without oversampling that departed from the exact subspace on slowly decaying spectra (smallest
+  principal cosine 0.035 at 2,048 × 768), so the weights changed character with the group's size.
+  The exact Gram basis at every size fixed that but took 9.9 s per group at 4,096 × 3,584 (7B hidden
+  size, the default row cap) on one CPU thread; the randomized path takes 0.82 s there (old
+  pca_lowrank: 0.38 s). Measurements: docs/algorithms/resrl.md.
+- The positive-row subset and the randomized basis's test vectors use local CPU
+  ``torch.Generator``s seeded by (seed, group id), so a group's result does not depend on what else
+  is in the batch, and the caller's random stream is untouched.
 """
 from __future__ import annotations
 
@@ -49,6 +62,32 @@ from rltk.algos.registry import StageError, register_modifier
 from rltk.algos.types import Advantages, Rollouts
 
 GRAM_RTOL = 1e-12  # eigenvalue σ² ≤ GRAM_RTOL·σ_max² (σ ≤ 1e-6·σ_max): a null direction, dropped
+# Step 2's basis is exact (``gram_basis``) when min(rows, H) ≤ EXACT_MAX_DIM, else randomized
+# (``randomized_basis``). EXACT_MAX_DIM is the measured crossover (one thread, float32 input,
+# rank 64, medians of 5 interleaved runs of process CPU time): exact / randomized time was 1.0 at
+# min(rows, H) ≈ 450 for rows < H = 896 (2.0 at 640), 1.0 at ≈ 590 for H = 1,536 (1.2 at 640), and
+# 0.78 / 1.04 at 640 / 768 for H = 3,584; 0.68 / 0.97 at H = 640 / 768 with 4,096 rows ≥ H. 640
+# keeps the exact path up to where it stops being cheaper at the hidden sizes of the recipes
+# (2,560–3,584); at H = 896 exact costs ≤ 2× the randomized path below it (≤ 0.04 s extra a group).
+# H = 768 (the accuracy test's size) is randomized.
+EXACT_MAX_DIM = 640
+# Randomized path: l = k + p columns, p = max(k, MIN_OVERSAMPLE), and POWER_ITERS power iterations.
+# Smallest principal cosine against the exact top 64 on σ_i = 1/√(i+1), k = p = 64, worst of 2–3
+# seeds, for 2 / 3 / 4 / 5 iterations: 0.93 / 0.989 / 0.998 / 0.9996 at 2,048 × 768,
+# 0.92 / 0.991 / 0.9987 / 0.9997 at 4,096 × 896, 0.86 / 0.976 / 0.997 / 0.9996 at 4,096 × 3,584
+# (over 24 draws per size: ≥ 0.9972 with 4, ≥ 0.9994 with 5, and one draw of 0.9944 with 4).
+# 5 iterations cost ~10–15% more than 4 and cut 1 − cosine ~7× (worst 0.0006 vs 0.0056).
+# (The old pca_lowrank, niter 4 and no oversampling: 0.02–0.12.) p = k keeps that rate at every
+# rank, since σ_2k/σ_k of a power-law spectrum does not depend on k (k = 16…128 at four sizes:
+# ≥ 0.9993); below k = 16, p = 16 costs nothing and lifts e.g. k = 2 from 0.9985 to 1.0000.
+# float32 products gave the same cosines as float64 (±0.001).
+POWER_ITERS = 5
+MIN_OVERSAMPLE = 16
+# σ ≤ RANDOM_RTOL·σ_max: a null direction of the randomized path in float32, dropped. Its float32
+# products leave null directions at ~ε·σ_max (measured ≤ 2.2e-7 on repeated-row inputs up to
+# 4,096 × 3,584, real directions down to 1.2e-4 recovered exactly), so 1e-5 keeps a ~45× margin. In
+# float64 (float64 input) the threshold is the Gram path's, σ ≤ 1e-6·σ_max.
+RANDOM_RTOL = 1e-5
 LN_EPS = 1e-5
 FLAT_SPREAD = 1e-5  # hi − lo below this: every weight is the midpoint
 MIN_POS_TOKENS = 4
@@ -102,17 +141,43 @@ def layer_norm(h: Tensor) -> Tensor:
     return F.layer_norm(h, (h.shape[-1],), eps=LN_EPS)
 
 
-def positive_basis(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    """Row mean μ [H] and the top-k right singular vectors V_k [H, k'] of X = x − μ (step 2).
+def _oversample(k: int) -> int:
+    """p, the sketch's extra columns beyond k: p = k, at least MIN_OVERSAMPLE."""
+    return max(k, MIN_OVERSAMPLE)
 
-    Exact, from the eigendecomposition of the smaller Gram matrix in float64: XᵀX [H, H] when
-    rows ≥ H (its eigenvectors are V), else XXᵀ [rows, rows] (eigenvectors U, then V = XᵀU / σ).
-    k = min(rank, rows − 1, H); of those k directions only the ones with σ² > GRAM_RTOL·σ_max²
-    are kept (k' ≤ k): below that a direction is numerically null (centring alone removes one,
-    repeated rows more) and dividing by its σ would be dividing by rounding noise. In the XXᵀ path
-    the columns are re-orthonormalised by a QR of the [H, k'] matrix (it keeps their nested spans).
-    Deterministic; signs and order of the columns do not matter for the projection V Vᵀ.
-    Returned in x's dtype.
+
+def basis_method(rows: int, size: int, rank: int) -> str:
+    """Which basis ``positive_basis`` computes for ``rows`` × ``size`` input: ``"exact"`` (the Gram
+    eigendecomposition) when min(rows, size) ≤ EXACT_MAX_DIM, or when the sketch of l = k + p columns
+    would not be smaller than min(rows, size); else ``"randomized"``."""
+    k = max(min(rank, rows - 1, size), 0)
+    smaller = min(rows, size)
+    return "exact" if smaller <= EXACT_MAX_DIM or k + _oversample(k) >= smaller else "randomized"
+
+
+def positive_basis(x: Tensor, rank: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """Row mean μ [H] and the top-k right singular vectors V_k [H, k'] of X = x − μ (step 2),
+    k = min(rank, rows − 1, H), k' ≤ k after numerically null directions are dropped.
+
+    ``gram_basis`` (exact) when min(rows, H) ≤ EXACT_MAX_DIM, else ``randomized_basis`` seeded by
+    ``seed`` (see ``basis_method`` and the module docstring). Returned in x's dtype; signs and order
+    of the columns do not matter for the projection V Vᵀ.
+    """
+    rows, size = x.shape
+    if basis_method(rows, size, rank) == "exact":
+        return gram_basis(x, rank)
+    return randomized_basis(x, rank, seed)
+
+
+def gram_basis(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """``positive_basis`` exactly, from the eigendecomposition of the smaller Gram matrix in float64.
+
+    XᵀX [H, H] when rows ≥ H (its eigenvectors are V), else XXᵀ [rows, rows] (eigenvectors U, then
+    V = XᵀU / σ). Of the top k directions only the ones with σ² > GRAM_RTOL·σ_max² are kept (k' ≤ k):
+    below that a direction is numerically null (centring alone removes one, repeated rows more) and
+    dividing by its σ would be dividing by rounding noise. In the XXᵀ path the columns are
+    re-orthonormalised by a QR of the [H, k'] matrix (it keeps their nested spans). Deterministic,
+    draws no random numbers. Returned in x's dtype.
     """
     rows, size = x.shape
     x64 = x.double()
@@ -132,6 +197,40 @@ def positive_basis(x: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     else:  # V = XᵀU / σ; re-orthonormalised, since columns of small σ lose orthogonality (~ε·σ_max²/σ²)
         basis = torch.linalg.qr((centred.T @ vecs) / evals.sqrt()).Q
     return mean.to(x.dtype), basis.to(x.dtype)
+
+
+def randomized_basis(
+    x: Tensor, rank: int, seed: int = 0, oversample: int | None = None, niter: int = POWER_ITERS
+) -> tuple[Tensor, Tensor]:
+    """``positive_basis`` by randomized subspace iteration (a range finder with oversampling and
+    power iterations, then a Rayleigh–Ritz step).
+
+    With X = x − μ [rows, H], p = ``oversample`` (default max(k, MIN_OVERSAMPLE)) and
+    l = min(k + p, rows, H): Ω [H, l] standard normal from a local CPU generator seeded by ``seed``
+    (the global RNG is not touched; same input and seed, same basis); Q = orth(XΩ) [rows, l];
+    ``niter`` times Q ← orth(X·orth(XᵀQ)) (re-orthonormalised after every product, so directions far
+    below σ_max keep their digits); then B = QᵀX [l, H] and the top k right singular vectors of B
+    (float64 SVD) are V_k. Directions with σ ≤ rtol·σ_max are dropped as in ``gram_basis`` (rtol
+    RANDOM_RTOL in float32, sqrt(GRAM_RTOL) in float64). The large products run in float32 (float64
+    when x is float64); orth is a Householder QR. Returned in x's dtype.
+    """
+    rows, size = x.shape
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = x.mean(0, dtype=torch.float64)
+    k = max(min(rank, rows - 1, size), 0)
+    if k == 0:
+        return mean.to(x.dtype), x.new_zeros(size, 0)
+    centred = x.to(work) - mean.to(work)
+    width = min(k + (_oversample(k) if oversample is None else oversample), rows, size)
+    generator = torch.Generator().manual_seed(seed)
+    omega = torch.randn(size, width, generator=generator, dtype=work).to(x.device)
+    q = torch.linalg.qr(centred @ omega).Q
+    for _ in range(niter):
+        q = torch.linalg.qr(centred @ torch.linalg.qr(centred.T @ q).Q).Q
+    _, sigma, vh = torch.linalg.svd((q.T @ centred).double(), full_matrices=False)
+    rtol = RANDOM_RTOL if work == torch.float32 else GRAM_RTOL ** 0.5
+    kept = int((sigma[:k] > rtol * sigma[0]).sum())  # a prefix: sigma is sorted
+    return mean.to(x.dtype), vh[:kept].T.to(x.dtype)
 
 
 def residual_distance(h: Tensor, mean: Tensor, basis: Tensor) -> Tensor:
@@ -169,12 +268,12 @@ def _group_weights(
     num_pos, num_neg = int(pos_valid.sum()), int(neg_valid.sum())
     if num_pos < MIN_POS_TOKENS or num_neg == 0:
         return None
-    group_seed = knobs.seed * _SEED_STRIDE + group_id
+    group_seed = (knobs.seed * _SEED_STRIDE + group_id) % 2**64  # manual_seed's range; as torch maps negatives
     pos = hidden[pos_rows][pos_valid]  # [num_pos, H]
     index = _subsample(num_pos, knobs.max_pos_tokens, group_seed)
     if index is not None:
         pos = pos[index.to(pos.device)]
-    mean, basis = positive_basis(layer_norm(pos), knobs.rank)
+    mean, basis = positive_basis(layer_norm(pos), knobs.rank, group_seed)
     d = residual_distance(layer_norm(hidden[neg_rows][neg_valid]), mean, basis)
     return quantile_weights(d, knobs.q_low, knobs.q_high, knobs.min_weight), d
 
