@@ -25,6 +25,8 @@ def format_ok(text: str) -> bool:
     return len(boxes) == 1 and _TRAILER.fullmatch(text, boxes[0].end) is not None
 
 
-def format_reward(completions: Sequence[str | list[dict]], **kwargs) -> list[float]:
-    """TRL-style reward function: 1.0 per well-formatted completion, else 0.0."""
+def format_reward(completions: Sequence[str | bytes | list[dict]], **kwargs) -> list[float]:
+    """TRL-style reward function: 1.0 per well-formatted completion, else 0.0. Completions are read
+    as :func:`rewards.extract.completion_text` reads them (strings, bytes, chat message lists);
+    anything without text scores 0.0, never an exception."""
     return [1.0 if format_ok(completion_text(c)) else 0.0 for c in completions]

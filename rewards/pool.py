@@ -8,6 +8,10 @@ answer ran > 30 s despite a 5 s timeout, its issue #65), and its ``TimeoutExcept
 (SIGKILL), its item is scored ``timeout`` and a fresh worker replaces it while the rest of the batch
 goes on on the others.
 
+Each pair is judged by :func:`check_pair` (rules in its docstring): math-verify must read the whole
+answer as LaTeX, a predicted equation counts only as ``variable = value``, and a set never equals
+a tuple or interval.
+
 Workers use the ``spawn`` start method, safe from any thread and with torch loaded in the parent
 (no forked locks or CUDA state; the global forkserver settings are left alone). As with any spawn
 user (torch DataLoader workers, vLLM), a script that uses the pool must keep its top-level code
@@ -35,7 +39,8 @@ __all__ = ["REASONS", "VerifierPool", "check_pair", "default_num_workers"]
 
 REASONS = ("ok", "no_answer", "timeout", "parse_error")
 """Why an item got its score: verified by math-verify or the fast path (``ok``, right or wrong),
-no extractable answer, deadline overrun, or math-verify could not read gold or prediction."""
+no extractable answer, deadline overrun, or gold or prediction could not be read or was refused
+(:func:`check_pair`: a nested box, an equation that is not ``variable = value``, ...)."""
 
 _CACHEABLE_CHARS = 4096  # longer (gold, pred) pairs are verified but not cached
 
@@ -52,10 +57,13 @@ def default_num_workers() -> int:
 
 @functools.cache
 def extraction_config(strict: bool) -> tuple:
-    """math-verify's default extraction (LaTeX, then plain expressions). ``strict`` turns off its
-    ``malformed_operators`` repair, as open-r1's reward does: ``\\frac12`` and ``\\sqrt2`` (valid
-    TeX) then fail to parse and ``\\frac 1 2`` reads as 2."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, LatexNormalizationConfig
+    """math-verify's LaTeX extraction only. Its plain-expression extractor is left out on purpose:
+    it reads any number *inside* an answer that the LaTeX parser rejects, so ``1+1 \\to 4``,
+    ``\\foo 4`` and ``2**10`` would read as 4, 4 and 2, and ``0.\\overline{3}`` as 0; without it
+    such an answer is a ``parse_error``. ``strict`` turns off math-verify's ``malformed_operators``
+    repair, as open-r1's reward does: ``\\frac12`` and ``\\sqrt2`` (valid TeX) then fail to parse
+    and ``\\frac 1 2`` reads as 2."""
+    from math_verify import LatexExtractionConfig, LatexNormalizationConfig
 
     normalization = LatexNormalizationConfig(
         basic_latex=True,
@@ -65,13 +73,13 @@ def extraction_config(strict: bool) -> tuple:
         boxed="all",
         equations=False,
     )
-    return (LatexExtractionConfig(normalization_config=normalization), ExprExtractionConfig())
+    return (LatexExtractionConfig(normalization_config=normalization),)
 
 
 @functools.lru_cache(maxsize=1024)
 def _parse(answer: str, strict: bool) -> tuple:
-    """Parsed sympy objects of a bare answer (wrapped in ``$...$`` so plain numbers parse); empty
-    when math-verify reads nothing. Cached: the gold of a group is parsed once per worker."""
+    """Parsed sympy objects of a bare answer (wrapped in ``$...$``, so the whole answer is read);
+    empty when math-verify reads nothing. Cached: the gold of a group is parsed once per worker."""
     from math_verify import parse
 
     parsed = parse(
@@ -83,18 +91,131 @@ def _parse(answer: str, strict: bool) -> tuple:
     return tuple(parsed)
 
 
+def _names_a_value(lhs, rhs) -> bool:
+    """Whether ``lhs = rhs`` gives a name to a value, so that only ``rhs`` is claimed: ``lhs`` is a
+    single variable (``x``, ``x_1``, ``\\alpha``, ``\\text{area}``; not a constant such as ``\\pi``,
+    ``e`` or ``i``), a tuple of distinct variables (``(x, y)``) or an unknown function applied to
+    something (``f(x)``, ``f(2)``; not ``\\sin x``), and ``rhs`` does not contain it
+    (``x = x + 1`` is a claim, not a name)."""
+    from sympy import Symbol, Tuple
+    from sympy.core.function import AppliedUndef
+
+    if isinstance(lhs, Symbol):
+        return lhs not in rhs.free_symbols
+    if isinstance(lhs, AppliedUndef):
+        return not rhs.has(lhs.func)
+    return (
+        isinstance(lhs, Tuple)
+        and len(lhs) > 0
+        and all(isinstance(item, Symbol) for item in lhs)
+        and len(set(lhs)) == len(lhs)
+        and not (set(lhs) & rhs.free_symbols)
+    )
+
+
+def _equations_allowed(pred, gold_is_equation: bool) -> bool:
+    """Whether the equations in a parsed prediction may be scored (:func:`check_pair`).
+
+    Allowed places for an equation: the whole answer, or an element of a top-level list, set or
+    tuple (``x = 1, y = 2``). An equation anywhere else (inside a side of another equation, a chain
+    ``x = 1+1 = 4``, which math-verify cuts to its ends, an expression) is refused. Unless the
+    gold is an equation too, each equation must name a value (:func:`_names_a_value`).
+    """
+    from sympy import Basic, Equality, FiniteSet, Tuple, preorder_traversal
+
+    if not isinstance(pred, Basic):
+        return True  # matrices, strings: math-verify decides
+    equations = [node for node in preorder_traversal(pred) if isinstance(node, Equality)]
+    if not equations:
+        return True
+    if isinstance(pred, Equality):
+        placed = [pred]
+    elif isinstance(pred, (FiniteSet, Tuple)):
+        placed = [item for item in pred.args if isinstance(item, Equality)]
+    else:
+        placed = []
+    if len(equations) != len(placed):
+        return False
+    if gold_is_equation:
+        return True
+    return all(_names_a_value(eq.lhs, eq.rhs) for eq in placed)
+
+
+def _has_equation(expr) -> bool:
+    from sympy import Basic, Equality
+
+    try:
+        return isinstance(expr, Basic) and expr.has(Equality)
+    except Exception:  # noqa: BLE001 - sympy on odd objects
+        return False
+
+
+def _value(expr, other_is_equation: bool):
+    """What math-verify compares of ``expr``: the right side of an equation when the other answer
+    is not an equation, else ``expr``."""
+    from sympy import Equality
+
+    return expr.rhs if isinstance(expr, Equality) and not other_is_equation else expr
+
+
+def _collection_kind(expr) -> str | None:
+    """``"set"`` for a set of values (``2,3`` and ``\\{2,3\\}`` both parse to one), ``"ordered"``
+    for a tuple or an interval (``(2,3)``, ``[2,3)``, ``(1,2,3)``), else ``None``. A list of
+    equations (``x = 1, y = 2``) is not a set of values: math-verify matches it in written order."""
+    from sympy import Equality, FiniteSet, Interval, Tuple
+
+    if isinstance(expr, FiniteSet):
+        if expr.args and all(isinstance(item, Equality) for item in expr.args):
+            return None
+        return "set"
+    if isinstance(expr, (Interval, Tuple)):
+        return "ordered"
+    return None
+
+
 def check_pair(gold: str, pred: str, strict: bool = False) -> tuple[bool, str]:
     """Verify one cleaned (gold, pred) pair with math-verify, gold first (``verify`` is asymmetric).
 
     Runs inside a worker: no timeout here, the parent kills an overrunning worker. Returns
-    ``(correct, "ok")`` or ``(False, "parse_error")`` when either side parses to nothing.
+    ``(correct, "ok")``, or ``(False, "parse_error")`` when either side is refused, parses to
+    nothing or holds an equation that may not be scored. Rules, on top of math-verify:
+
+    - refused strings (:func:`rewards.extract.refusal`: a box inside the answer, ``\\approx``,
+      out-of-range numbers) are ``parse_error``;
+    - the whole answer must parse as LaTeX (:func:`extraction_config`): no partial reads;
+    - equations (:func:`_equations_allowed`): when the gold is not an equation, a predicted
+      equation counts only as ``variable = value`` and its value is compared (``x = 4`` and
+      ``f(2) = 4`` are 4); ``1+1 = 4``, ``4 = 4``, ``2x = 4``, ``\\pi = 4``, ``\\sin x = 4``,
+      ``x = 1+1 = 4`` are ``parse_error``. When the gold is an equation, math-verify compares the
+      two equations (``x = 4`` is not ``y = 4``; ``y = 2x+1`` is ``2x+1 = y``), chains and
+      buried equations still refused;
+    - a set of values never equals a tuple or interval (:func:`_collection_kind`): ``2,3`` is not
+      ``(2,3)``, either way round, nor is ``x = 2,3``. math-verify equates them, reading ``(2,3)`` as an open interval
+      that "could be" the pair, although its own strict mode says sets are not comparable with
+      tuples.
     """
     from math_verify import verify
 
+    from rewards.extract import refusal
+
     try:
+        if refusal(gold) or refusal(pred):
+            return False, "parse_error"
         gold_parsed, pred_parsed = _parse(gold, strict), _parse(pred, strict)
         if not gold_parsed or not pred_parsed:
             return False, "parse_error"
+        gold_is_equation = any(_has_equation(item) for item in gold_parsed)
+        if not all(_equations_allowed(item, gold_is_equation) for item in pred_parsed):
+            return False, "parse_error"
+        # compare the kinds of what math-verify will compare: an assignment's value when the
+        # other side is not an equation (``x = 2,3`` against ``(2,3)``)
+        pred_is_equation = any(_has_equation(item) for item in pred_parsed)
+        gold_kinds = {_collection_kind(_value(item, pred_is_equation)) for item in gold_parsed}
+        pred_kinds = {_collection_kind(_value(item, gold_is_equation)) for item in pred_parsed}
+        if ("set" in gold_kinds and "ordered" in pred_kinds) or (
+            "ordered" in gold_kinds and "set" in pred_kinds
+        ):
+            return False, "ok"
         return bool(verify(list(gold_parsed), list(pred_parsed), timeout_seconds=None)), "ok"
     except Exception:  # math-verify swallows its own errors; anything else is a parse failure
         return False, "parse_error"

@@ -29,7 +29,7 @@ def test_eval_command_writes_report(tmp_path, tiny_model_dir):
     assert "| variant | pass@1 | pass@2 | pass@4 |" in proc.stdout
     report = json.loads((out / "report.json").read_text())
     assert report["protocol"]["n"] == 4 and report["protocol"]["num_problems"] == 6
-    assert report["protocol"]["verifier_version"].startswith("rltk-math/1 math-verify==")
+    assert report["protocol"]["verifier_version"].startswith("rltk-math/2 math-verify==")
     assert set(report["summary"]["pass@k"]) == {"1", "2", "4"}
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 24

@@ -24,6 +24,7 @@ from rewards import (
     math_reward,
     normalize_answer,
 )
+from rewards.extract import completion_text, refusal
 from rewards.pool import check_pair
 
 DEADLINE_S = 2.0
@@ -57,7 +58,11 @@ def _workers() -> set[int]:
         (r"\fbox{7}", "7"),
         (r"\boxed{1} or \boxed{2}", "2"),
         (r"\boxed{1} and then \boxed{2", "1"),  # the last *balanced* box
-        (r"\boxed{\boxed{3}}", "3"),
+        (r"\boxed{\boxed{3}}", r"\boxed{3}"),  # the outermost box: refused later, never the inner 3
+        (r"\boxed{\boxed{7}8}", r"\boxed{7}8"),
+        (r"\boxed{1} then \boxed{\boxed{2}}", r"\boxed{2}"),
+        (r"\boxed{\boxed{2}} then \boxed{3}", "3"),
+        (r"\boxed{\boxed{3}", "3"),  # the outer box never closes: the balanced one counts
         (r"\boxed{a}}", "a"),
         (r"\boxed{}", ""),
         (r"\boxed{3", None),
@@ -97,6 +102,7 @@ def test_last_boxed_is_linear_on_1mb(text, expected):
         ("1,000", "1000"),
         ("1{,}000", "1000"),
         (r"10,\!080", "10080"),
+        (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\begin{pmatrix}1\\2\end{pmatrix}"),
         (r"1\,000", "1000"),
         ("-12,345.5", "-12345.5"),
         (r"10\%", "10"),
@@ -104,6 +110,18 @@ def test_last_boxed_is_linear_on_1mb(text, expected):
         (r"5 \text{ cm}", "5"),
         (r"x \in [1, 2]", r"x\in[1,2]"),
         ("\u22123", "-3"),
+        ("1e3", "1000"),
+        ("1E3", "1000"),
+        ("2.5e-3", "0.0025"),
+        ("6.02e+23", "602000000000000000000000"),
+        ("(1e3, 2e3)", "(1000,2000)"),
+        (r"0.\overline{3}", r"\frac{1}{3}"),
+        (r"0.1\overline{6}", r"\frac{1}{6}"),
+        (r"1.\bar{3}", r"\frac{4}{3}"),
+        (r"0.\dot{3}", r"\frac{1}{3}"),
+        (r"0.\overline 3", r"\frac{1}{3}"),
+        (r"-0.\overline{142857}", r"-\frac{1}{7}"),
+        (r"0.\overline{9}", "1"),
     ],
 )
 def test_normalize_answer_equal(a, b):
@@ -124,6 +142,10 @@ def test_normalize_answer_equal(a, b):
         ("[1,2]", "(1,2)"),
         ("3.5", "35"),
         (r"2\mathrm{e}", "2"),  # \mathrm is not taken for a unit
+        ("2e - 3", "0.002"),  # with spaces, Euler's number: 2e - 3
+        ("1e3x", "1000x"),  # glued to a letter: not a number in scientific notation
+        ("x^2e3", "x^2000"),
+        (r"\overline{12}", "12"),  # no decimal point: not a repeating decimal
     ],
 )
 def test_normalize_answer_conservative(a, b):
@@ -134,12 +156,37 @@ def test_clean_answer_keeps_percent_for_math_verify():
     assert clean_answer(r"50\%") == r"50\%"  # math-verify accepts 50% for both 50 and 0.5
 
 
+@pytest.mark.parametrize(
+    "answer, reason",
+    [
+        (r"\boxed{7}8", "nested box"),
+        (r"\fbox{7}", "nested box"),
+        (r"1+1 \approx 4", "approximation"),
+        ("x \u2248 3", "approximation"),
+        ("1e999", "number out of range"),
+        ("9" * 60 + "e3", "number out of range"),
+        (r"0.\dot{1}\dot{2}", "repeating decimal"),
+        (r"0.\overline{" + "3" * 101 + "}", "repeating decimal"),
+        ("1e100", None),
+        (r"\overline{AB}", None),
+        ("2e-3", None),
+        (r"\frac{1}{2}", None),
+        ("x = 4", None),  # equations are judged on the parse, in the workers
+    ],
+)
+def test_refusal(answer, reason):
+    assert refusal(clean_answer(answer)) == reason
+
+
 def test_clean_answer_folds_unicode():
     assert clean_answer("\u202e5\u202c") == clean_answer("\u200b5\u00ad") == "5"
     assert clean_answer("\uff15\u0665\u0e53") == "553"  # fullwidth, Arabic-Indic, Thai
     assert clean_answer("\\frac{\uff11}{\uff12}") == "\\frac{1}{2}"
     assert clean_answer("x\u00b2+\u00bd") == "x\u00b2+\u00bd"  # superscripts and fractions keep their meaning
-    assert clean_answer("\ud800") == "\ud800"  # a lone surrogate passes through untouched
+    assert clean_answer("\ud800") == ""  # a lone surrogate is dropped, like format characters
+    assert clean_answer("5\x00\x1b\x7f\x9b") == "5"  # control characters are dropped
+    assert clean_answer("1\t+\n2") == "1+2"
+    assert clean_answer("5\u0301") == "5\u0301"  # a combining mark changes the character: kept
     every = "".join(chr(c) for c in range(0x10000) if not 0xD800 <= c < 0xE000)
     clean_answer(every)
     from rewards.extract import _FOLD
@@ -179,6 +226,9 @@ GRADER_CASES = [
     ("2", r"\boxed {2}", True, "ok"),
     ("7", r"\fbox{7}", True, "ok"),
     (r"We find $x = 4$, so \boxed{4}.", r"\boxed{4}", True, "ok"),  # gold solution: its box
+    # a matrix row break followed by a space is not a spacing command (`\\ ` kept as `\\`)
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\boxed{\begin{pmatrix}1\\2\end{pmatrix}}", True, "ok"),
+    (r"\begin{pmatrix} 1 \\ 2 \end{pmatrix}", r"\boxed{\begin{pmatrix} 2 \\ 1 \end{pmatrix}}", False, "ok"),
     # thousands separators
     ("1000", r"\boxed{1,000}", True, "ok"),
     ("1000", r"\boxed{1\,000}", True, "ok"),
@@ -212,28 +262,98 @@ GRADER_CASES = [
     (r"\frac{1}{2}", "\\boxed{\uff11\uff0f\u0968}", True, "ok"),  # fullwidth 1 and slash, Devanagari 2
     ("-3", "\\boxed{\uff0d\uff13}", True, "ok"),
     ("2", "\\boxed{x\u00b2}", False, "parse_error"),  # a superscript is not folded into a digit
+    ("5", "\\boxed{5\x00}", True, "ok"),  # control characters and lone surrogates are dropped
+    ("5", "\\boxed{5\ud800}", True, "ok"),
+    ("5", "\\boxed{5\u0301}", False, "parse_error"),  # a combining mark: no partial read of the 5
+    # equations: only `variable = value` counts against a gold that is not an equation
+    ("4", r"\boxed{1+1 = 4}", False, "parse_error"),  # a false equation: never its right side
+    ("2", r"\boxed{1+1 = 4}", False, "parse_error"),
+    ("4", r"\boxed{x = 4}", True, "ok"),
+    ("4", r"\boxed{x_{1} = 4}", True, "ok"),
+    ("4", r"\boxed{\alpha = 2+2}", True, "ok"),
+    ("5", r"\boxed{x = 4}", False, "ok"),
+    ("4", r"\boxed{4 = 4}", False, "parse_error"),  # true, but no variable: not an answer form
+    ("4", r"\boxed{2x = 4}", False, "parse_error"),
+    ("4", r"\boxed{4 = x}", False, "parse_error"),
+    ("4", r"\boxed{\pi = 4}", False, "parse_error"),  # a constant, not a variable
+    ("4", r"\boxed{x = 1+1 = 4}", False, "parse_error"),  # chains: math-verify keeps only the ends
+    ("4", r"\boxed{x = x + 4 - x}", False, "parse_error"),  # the variable on both sides
+    ("4", r"\boxed{(1+1=4)}", False, "parse_error"),
+    ("4", r"\boxed{1+1 \equiv 4}", False, "parse_error"),
+    ("(1,2)", r"\boxed{(x, y) = (1, 2)}", True, "ok"),
+    ("2x+1", r"\boxed{f(x) = 2x + 1}", True, "ok"),  # an unknown function names a value too
+    ("5", r"\boxed{f(2) = 5}", True, "ok"),
+    ("4", r"\boxed{f(2) = f(2) + 4}", False, "parse_error"),
+    ("4", r"\boxed{\sin x = 4}", False, "parse_error"),
+    (r"\{-2,2\}", r"\boxed{x = \pm 2}", True, "ok"),
+    ("x=4", r"\boxed{x = 4}", True, "ok"),  # a gold equation: compared as equations
+    ("x=4", r"\boxed{4}", True, "ok"),
+    ("x=4", r"\boxed{y = 4}", False, "ok"),
+    ("x=4", r"\boxed{1+1 = 4}", False, "ok"),
+    ("y=2x+1", r"\boxed{2x + 1 = y}", True, "ok"),
+    # partial reads: the whole answer must parse
+    ("4", r"\boxed{1+1 \to 4}", False, "parse_error"),
+    ("4", r"\boxed{1+1 \approx 4}", False, "parse_error"),
+    ("2", r"\boxed{1+1 \approx 4}", False, "parse_error"),
+    ("2", r"\boxed{2**10}", False, "parse_error"),
+    # nested boxes: a parse_error, never the inner box
+    ("7", r"\boxed{\boxed{7}8}", False, "parse_error"),
+    ("78", r"\boxed{\boxed{7}8}", False, "parse_error"),
+    ("7", r"\boxed{\boxed{7}}", False, "parse_error"),
+    ("3", r"\boxed{\boxed{2}} then \boxed{3}", True, "ok"),
+    # a bare comma list is a set: never a tuple or an interval, either way round
+    ("(2,3)", r"\boxed{2,3}", False, "ok"),
+    ("2,3", r"\boxed{(2,3)}", False, "ok"),
+    ("(2,3)", r"\boxed{\{2,3\}}", False, "ok"),
+    ("(1,2,3)", r"\boxed{1,2,3}", False, "ok"),
+    ("1,2,3", r"\boxed{(1,2,3)}", False, "ok"),
+    ("2,3", r"\boxed{3, 2}", True, "ok"),
+    ("(2,3)", r"\boxed{(2, 3)}", True, "ok"),
+    ("(2,3)", r"\boxed{x = 2, 3}", False, "ok"),  # the value of an assignment is a set too
+    ("2,3", r"\boxed{x = 2, 3}", True, "ok"),
+    # scientific notation and repeating decimals
+    ("1000", r"\boxed{1e3}", True, "ok"),
+    ("1e3", r"\boxed{1000}", True, "ok"),
+    ("0.0025", r"\boxed{2.5E-3}", True, "ok"),
+    ("1000", r"\boxed{1e4}", False, "ok"),
+    ("1000", r"\boxed{1e999}", False, "parse_error"),  # out of range: refused, not misread
+    (r"\frac{1}{3}", r"\boxed{0.\overline{3}}", True, "ok"),
+    (r"0.\overline{3}", r"\boxed{\frac{1}{3}}", True, "ok"),
+    (r"\frac{1}{6}", r"\boxed{0.1\overline{6}}", True, "ok"),
+    ("0", r"\boxed{0.\overline{3}}", False, "ok"),  # math-verify alone reads it as 0
+    ("1", r"\boxed{0.\overline{9}}", True, "ok"),
+    ("0", r"\boxed{0.\dot{1}\dot{2}}", False, "parse_error"),
     # hostile
     ("1", rf"\boxed{{{BOMB}}}", False, "timeout"),
 ]
 
 
 def test_grader_table(verifier):
+    # the bomb goes first, so its deadline runs while the other worker scores the rest
+    order = sorted(range(len(GRADER_CASES)), key=lambda i: GRADER_CASES[i][3] != "timeout")
+    golds = [GRADER_CASES[i][0] for i in order]
+    completions = [GRADER_CASES[i][1] for i in order]
+    start = time.perf_counter()
+    scored = verifier.score(completions, golds)
+    elapsed = time.perf_counter() - start
+    verdicts = [None] * len(GRADER_CASES)
+    for i, verdict in zip(order, scored):
+        verdicts[i] = verdict
     golds = [gold for gold, _, _, _ in GRADER_CASES]
     completions = [completion for _, completion, _, _ in GRADER_CASES]
-    start = time.perf_counter()
-    verdicts = verifier.score(completions, golds)
-    elapsed = time.perf_counter() - start
     got = [(v.correct, v.reason) for v in verdicts]
     expected = [(correct, reason) for _, _, correct, reason in GRADER_CASES]
     cases = zip(golds, completions, expected, got)
     mismatches = [(g, c[:60], e, o) for g, c, e, o in cases if e != o]
     assert not mismatches
     assert [v.reward for v in verdicts] == [1.0 if correct else 0.0 for correct, _ in expected]
-    assert elapsed < DEADLINE_S + 1.0  # the bomb is cut at the deadline; the rest goes on
+    # the bomb is cut at the deadline while the rest goes on, on the other worker: the rows cost
+    # about 20 ms each on an idle core (up to 0.3 s for some), twice that at load average 6
+    assert elapsed < DEADLINE_S + 1.0 + 0.04 * len(GRADER_CASES)
 
 
 def test_grader_table_is_large_enough():
-    assert len(GRADER_CASES) >= 45
+    assert len(GRADER_CASES) >= 100
 
 
 def test_strict_rejects_frac12():
@@ -252,8 +372,13 @@ def test_score_rejects_length_mismatch(verifier):
         verifier.score(["a", "b"], ["1"])
 
 
+def test_equivalence_keeps_the_rules(verifier):
+    answers = ["4", "x = 4", "1+1 = 4", r"\boxed{4}", "2,3", "(2,3)", "1e3", "1000", r"0.\overline{3}", "1/3"]
+    assert verifier.equivalence_classes(answers) == [0, 0, 1, 2, 3, 4, 5, 5, 6, 6]
+
+
 def test_verifier_version():
-    assert VERIFIER_VERSION.startswith("rltk-math/1 math-verify==")
+    assert VERIFIER_VERSION.startswith("rltk-math/2 math-verify==")
 
 
 # --------------------------------------------------------------------------- hostile input
@@ -369,6 +494,49 @@ def test_math_reward_trl_signature(verifier, monkeypatch):
     ]
     answers = ["4", "4", "4", None, "4"]
     assert math_reward(completions, answer=answers, prompts=["q"] * 5) == [1.0, 0.0, 1.0, None, 0.0]
+
+
+CONVERSATIONS = [
+    # (completion, its text)
+    ([{"role": "assistant", "content": r"so \boxed{4}"}], r"so \boxed{4}"),
+    ([{"role": "assistant", "content": r"\boxed{4}"}, {"role": "tool", "content": r"\boxed{5}"}], r"\boxed{4}"),
+    ([{"role": "assistant", "content": r"\boxed{5}"}, {"role": "assistant", "content": r"\boxed{4}"}], r"\boxed{4}"),
+    ([{"content": r"\boxed{4}"}], r"\boxed{4}"),  # no role: taken for the model's
+    ([{"role": "user", "content": r"\boxed{4}"}], ""),  # no assistant message
+    ([{"role": "assistant", "content": [{"type": "text", "text": r"\boxed{"}, "4", {"text": b"}"}]}], r"\boxed{4}"),
+    ([{"role": "assistant", "content": None}], ""),
+    ([{"role": "assistant", "content": b"\\boxed{4}"}], r"\boxed{4}"),
+    ({"role": "assistant", "content": r"\boxed{4}"}, r"\boxed{4}"),
+    (b"\\boxed{4}", r"\boxed{4}"),
+    (bytearray(b"\\boxed{4}"), r"\boxed{4}"),
+    (b"\xff\xfe\\boxed{4}\x80", "\ufffd\ufffd\\boxed{4}\ufffd"),  # bad UTF-8 replaced
+    ([], ""),
+    (["\\boxed{4}"], ""),  # not messages
+    ([None, 3], ""),
+    (None, ""),
+    (4, ""),
+    (4.0, ""),
+]
+
+
+@pytest.mark.parametrize("completion, text", CONVERSATIONS)
+def test_completion_text_never_raises(completion, text):
+    assert completion_text(completion) == text
+
+
+def test_math_reward_hostile_completion_types(verifier, monkeypatch):
+    """Conversational completions and bytes are read; other types score 0 (no_answer); none
+    raises."""
+    monkeypatch.setattr(rewards.math, "_default_verifier", verifier)
+    completions = [completion for completion, _ in CONVERSATIONS]
+    expected = [1.0 if r"\boxed{4}" in text else 0.0 for _, text in CONVERSATIONS]
+    assert math_reward(completions, answer=["4"] * len(completions)) == expected
+    verdicts = verifier.score(completions, [b"4"] * len(completions))  # a bytes gold is decoded too
+    assert [v.reward for v in verdicts] == expected
+    assert {v.reason for v in verdicts} == {"ok", "no_answer"}
+    assert format_reward(completions) == [
+        1.0 if text == r"\boxed{4}" or text == r"so \boxed{4}" else 0.0 for _, text in CONVERSATIONS
+    ]
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rewards.extract import find_boxes
+from rewards.extract import last_outer_box
 from rltk.rollout.base import pad_right
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 
@@ -24,9 +24,9 @@ class AnswerBatch:
 
 
 def rationale(completion: str) -> str:
-    """The completion up to its last balanced ``\\boxed{...}``."""
-    boxes = find_boxes(completion)
-    return completion[: boxes[-1].start] if boxes else completion
+    """The completion up to its last outermost balanced ``\\boxed{...}``."""
+    box = last_outer_box(completion)
+    return completion[: box.start] if box is not None else completion
 
 
 def build_answer_batch(tokens: TokenBatch, texts: list[str], answers: list[str], tokenizer,

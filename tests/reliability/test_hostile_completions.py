@@ -1,5 +1,7 @@
-"""Hostile completions (issue 8, item 1): property-based fuzzing of the math verifier plus a
-hand-made corpus of the worst inputs we know of.
+"""Hostile completions (issue 8, items 1 and 8): property-based fuzzing of the math verifier plus
+a hand-made corpus of the worst inputs we know of, and of answers that once got the wrong verdict
+(false boxed equations, nested boxes, partial reads, sets against tuples, completions that are
+bytes or chat message lists).
 
 Every item must get a verdict with a reason in ``rewards.pool.REASONS``; no file may be created and
 no command run (a marker file that every injection payload tries to create, and a check that the
@@ -38,7 +40,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from rewards import REASONS, MathVerifier, format_reward, last_boxed
+import rewards.math
+from rewards import REASONS, MathVerifier, format_reward, last_boxed, math_reward
 
 DEADLINE_S = 2.0
 NUM_WORKERS = 2
@@ -285,6 +288,32 @@ heavy = st.one_of(
 ).map(lambda s: rf"\boxed{{{s}}}")
 
 
+# completions that are not strings: bytes (valid or broken UTF-8), TRL conversational message lists
+# with any roles and contents, single messages, None, numbers
+texts = st.one_of(boxed_unicode, boxed_latex, controls)
+contents = st.one_of(
+    texts, texts.map(lambda t: t.encode("utf-8", "surrogatepass")), st.binary(max_size=60), st.none(), st.integers(),
+    st.lists(st.one_of(texts.map(lambda t: {"type": "text", "text": t}), texts, st.binary(max_size=20),
+                       st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=2), st.none()), max_size=4),
+)
+messages = st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["assistant", "user", "system", "tool", "", "ASSISTANT"]),
+                           "content": contents}),
+    st.fixed_dictionaries({"content": contents}),
+    st.dictionaries(st.text(max_size=8), st.one_of(st.text(max_size=20), st.none(), st.integers()), max_size=3),
+    texts, st.none(), st.integers(),
+)
+odd_types = st.one_of(
+    st.lists(messages, max_size=5),
+    st.lists(messages, max_size=5).map(tuple),
+    messages,
+    texts.map(lambda t: t.encode("utf-8", "surrogatepass")),
+    st.tuples(texts, st.binary(min_size=1, max_size=8)).map(lambda t: t[0].encode("utf-8", "surrogatepass") + t[1]),
+    st.binary(max_size=200).map(bytearray),
+    st.none(), st.integers(), st.floats(allow_nan=True), st.booleans(),
+)
+
+
 def _pairs(completion_strategy, batch=BATCH):
     return st.lists(st.tuples(completion_strategy, GOLDS), min_size=batch, max_size=batch)
 
@@ -292,7 +321,7 @@ def _pairs(completion_strategy, batch=BATCH):
 def _run(harness, name: str, pairs):
     FUZZ_TESTS_RUN.add(name)
     completions, golds = [list(x) for x in zip(*pairs)]
-    harness.score_and_check(completions, golds)
+    return harness.score_and_check(completions, golds)
 
 
 # --------------------------------------------------------------------------- fuzzing
@@ -359,6 +388,21 @@ def test_fuzz_mixed_with_heavy_items(harness):
     run()
 
 
+def test_fuzz_completion_types(harness, monkeypatch):
+    """Bytes, chat message lists, single messages, None and numbers: every one gets a verdict, the
+    same through :func:`rewards.math.math_reward` (TRL's entry point), and none raises."""
+    monkeypatch.setattr(rewards.math, "_default_verifier", harness.verifier)
+
+    @settings(FUZZ, max_examples=2 * SCALE)
+    @given(_pairs(odd_types))
+    def run(pairs):
+        verdicts = _run(harness, "types", pairs)
+        completions, golds = [list(x) for x in zip(*pairs)]
+        assert math_reward(completions, answer=golds) == [v.reward for v in verdicts]
+
+    run()
+
+
 # --------------------------------------------------------------------------- hand-made corpus
 
 MB = 1_000_000
@@ -386,7 +430,7 @@ def hand_corpus(marker: Path) -> list[tuple[str, str, str]]:
         ("every C0/C1 control", "".join(map(chr, [*range(32), *range(127, 160)])) + r"\boxed{5}", "5"),
         ("RTL override around the answer", "\u202e" + r"\boxed{" + "\u202e5\u202c" + "}" + "\u202c", "5"),
         ("bidi marks and zero-width", "\u200f\u200e\u200b\ufeff" * 1000 + "\\boxed{\u200b5}", "5"),
-        ("lone surrogates", "\ud800\udfff" * 100 + r"\boxed{5\ud800}", "5"),
+        ("lone surrogates", "\ud800\udfff" * 100 + "\\boxed{5\ud800}", "5"),
         ("zalgo: 10k combining marks", "5" + "\u0301\u0336\u0489" * 10_000 + r"\boxed{5" + "\u0301" * 500 + "}", "5"),
         ("fullwidth and arabic-indic digits", r"\boxed{" + "\uff15\u0665" + "}", "55"),
         ("ANSI escapes", "\x1b[2J\x1b[31m" + r"\boxed{5}" + "\x1b]0;title\x07", "5"),
@@ -404,6 +448,17 @@ def hand_corpus(marker: Path) -> list[tuple[str, str, str]]:
         ("30x30 matrix", r"\boxed{\begin{pmatrix}" + r"\\".join(["&".join(["1"] * 30)] * 30)
          + r"\end{pmatrix}}", "1"),
         ("100k-digit decimal vs 1/3", r"\boxed{0." + "3" * 100_000 + "}", r"\frac{1}{3}"),
+        # wrong verdicts of the past (issue 8, item 8): none of these may score
+        ("false boxed equation", r"\boxed{1+1 = 4}", "4"),
+        ("false equation chain", r"\boxed{x = 1+1 = 4}", "4"),
+        ("false equation in a set", r"\boxed{\{1+1=4\}}", "4"),
+        ("nested boxes", r"\boxed{\boxed{7}8}", "7"),
+        ("1k nested boxes", r"\boxed{" * 1000 + "7" + "}" * 1000, "7"),
+        ("junk before the number", r"\boxed{1+1 \to 4}", "4"),
+        ("approximation", r"\boxed{1+1 \approx 4}", "2"),
+        ("set against a tuple", r"\boxed{2,3}", "(2,3)"),
+        ("100k-digit repeating decimal", r"\boxed{0.\overline{" + "3" * 100_000 + "}}", r"\frac{1}{3}"),
+        ("1MB mantissa in e-notation", r"\boxed{" + "9" * MB + "e5}", "5"),
     ]
 
 
@@ -417,11 +472,19 @@ def test_hand_made_hostile_corpus(harness):
     print("\nhand-made corpus:", STATS["hand_reasons"])
     wrong = [name for name, v in zip(names, verdicts) if v.correct and "injection" in name]
     assert not wrong
+    refused = ["false boxed equation", "false equation chain", "false equation in a set", "nested boxes",
+               "1k nested boxes", "junk before the number", "approximation", "overflowing float",
+               "100k-digit repeating decimal", "1MB mantissa in e-notation"]
+    by_reason = {name: v.reason for name, v in zip(names, verdicts)}
+    assert {name: by_reason[name] for name in refused} == dict.fromkeys(refused, "parse_error")
+    assert by_reason["set against a tuple"] == "ok"
     # the plain answers that hostile surroundings must not hide
     by_name = dict(zip(names, verdicts))
     for name in ["1MB prose, box at the end", "1MB of open braces", "ANSI escapes", "every C0/C1 control",
-                 "RTL override around the answer", "bidi marks and zero-width", "fullwidth and arabic-indic digits"]:
+                 "RTL override around the answer", "bidi marks and zero-width", "fullwidth and arabic-indic digits",
+                 "NUL bytes", "lone surrogates"]:
         assert by_name[name].correct, (name, by_name[name])
+    assert not by_name["set against a tuple"].correct
 
 
 def test_extraction_never_evaluates(harness):
@@ -454,7 +517,7 @@ def test_pool_is_whole_after_fuzzing(harness):
 
 def test_fuzz_counts():
     """At least 2,000 generated completions when the whole module runs; the figures for the docs."""
-    fuzz = {"unicode", "latex", "controls", "injection", "long", "mixed"}
+    fuzz = {"unicode", "latex", "controls", "injection", "long", "mixed", "types"}
     if FUZZ_TESTS_RUN != fuzz:
         pytest.skip("only part of the module ran")
     hand = STATS.get("hand_items", 0)
