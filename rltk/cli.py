@@ -30,11 +30,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     quick = sub.add_parser("quickstart", help="tiny model + built-in task: SFT warm start, GRPO, pass@k before/after")
     quick.add_argument("--output-dir", default="runs/quickstart")
+    quick.add_argument("--overwrite", action="store_true",
+                       help="move an earlier run in the output directory aside to <dir>.old-<time> "
+                            "(nothing is deleted)")
     quick.add_argument("overrides", nargs="*", help="dotted overrides of the embedded recipe")
 
     train = sub.add_parser("train", help="RL training from a recipe")
     _add_recipe_args(train)
-    train.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in trainer.output_dir from its newest verified checkpoint")
+    train.add_argument("--overwrite", action="store_true",
+                       help="move a run already in trainer.output_dir aside to <dir>.old-<time> and start afresh "
+                            "(nothing is deleted)")
+    train.add_argument("--allow-changes", action="store_true",
+                       help="with --resume: accept recipe changes beyond the safe set (trainer.steps, save_every, "
+                            "eval_every, keep_checkpoints, eval.*, logging.*)")
 
     sft = sub.add_parser("sft", help="supervised warm start on worked solutions")
     _add_recipe_args(sft)
@@ -88,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     redi = sub.add_parser("redi", help="REDI: SFT on correct traces, then the REDI objective on (correct, wrong) pairs")
     _add_recipe_args(redi)
     redi.add_argument("--eval", action="store_true", help="held-out pass@k of the start and the final model")
+    redi.add_argument("--overwrite", action="store_true",
+                      help="move a run already in trainer.output_dir aside to <dir>.old-<time> (nothing is deleted)")
     return parser
 
 
@@ -125,7 +137,9 @@ def _cmd_train(args) -> int:
     from rltk.workflows import train
 
     recipe = load_recipe(args.recipe, args.overrides)
-    result = train(recipe, resume=args.resume)
+    if args.allow_changes and not args.resume:
+        raise ConfigError("--allow-changes only applies with --resume")
+    result = train(recipe, resume=args.resume, overwrite=args.overwrite, allow_changes=args.allow_changes)
     print(f"done: final model at {result['model_dir']}")
     return 0
 
@@ -186,7 +200,7 @@ def _cmd_quickstart(args) -> int:
     from rltk.workflows import quickstart
 
     recipe = load_recipe(QUICKSTART_RECIPE, [f"trainer.output_dir={args.output_dir}", *args.overrides])
-    print(quickstart(recipe))
+    print(quickstart(recipe, overwrite=args.overwrite))
     return 0
 
 
@@ -206,7 +220,7 @@ def _cmd_redi(args) -> int:
     from rltk.config import load_recipe
     from rltk.trainer.redi import run_redi
 
-    result = run_redi(load_recipe(args.recipe, args.overrides), evaluate=args.eval)
+    result = run_redi(load_recipe(args.recipe, args.overrides), evaluate=args.eval, overwrite=args.overwrite)
     if "steps" in result:
         print(f"REDI: {result['steps']} steps on {result['rows']} {result['format']} rows")
     if result.get("table"):

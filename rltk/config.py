@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import json
+import math
+import os
 import re
 import types
 import typing
@@ -22,6 +25,11 @@ import yaml
 
 class ConfigError(ValueError):
     """A recipe problem: one line naming the key, the value and the fix."""
+
+
+class _RangeError(ConfigError):
+    """A value of the right type outside what its type may hold (NaN, inf, a 64-bit overflow): the
+    most specific message, kept when a ``Union`` tries its other options."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,6 +386,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         for option, exc in errors.items():  # a mapping for a section: its own error names the inner key
             if isinstance(value, dict) and dataclasses.is_dataclass(option):
                 raise exc
+        for exc in errors.values():  # a number of the right type but not finite / out of range
+            if isinstance(exc, _RangeError):
+                raise exc
         raise _type_error(where, value, tp)
     if origin is Literal:
         if value in typing.get_args(tp):
@@ -396,20 +407,36 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is None:
             return None
         raise _type_error(where, value, tp)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-        return float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
     if tp in (int, float) and isinstance(value, bool):
         raise _type_error(where, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)):
+            number = float(value) if abs(value) < 1e308 else math.inf
+        elif isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
+            number = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string; "1e400" is inf
+        else:
+            raise _type_error(where, value, tp)
+        if not math.isfinite(number):  # NaN passes every `<= 0` range check, inf most of them
+            raise _RangeError(f"{where}: must be a finite number, got {_shown(value)}")
+        return number
+    if tp is int and isinstance(value, int) and not -_INT_LIMIT < value < _INT_LIMIT:
+        raise _RangeError(f"{where}: {_shown(value)} is out of range (integers must lie strictly between -2**63 "
+                          "and 2**63)")
     if isinstance(value, tp):
         return value
     raise _type_error(where, value, tp)
 
 
+_INT_LIMIT = 2**63  # torch and numpy take 64-bit integers; a larger one overflows deep in a run
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) < 60 else text[:57] + "..."
+
+
 def _type_error(where: str, value: Any, tp: Any) -> ConfigError:
-    shown = repr(value) if len(repr(value)) < 60 else repr(value)[:57] + "..."
-    return ConfigError(f"{where}: expected {_type_name(tp)}, got {shown} ({type(value).__name__})")
+    return ConfigError(f"{where}: expected {_type_name(tp)}, got {_shown(value)} ({type(value).__name__})")
 
 
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
@@ -559,8 +586,26 @@ def build_recipe(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:
     if "rewards" in data and isinstance(data["rewards"], list):
         data["rewards"] = [{"name": r} if isinstance(r, str) else r for r in data["rewards"]]
     recipe = from_dict(Recipe, data)
+    expand_user_paths(recipe)
     validate(recipe)
     return recipe
+
+
+def expand_user_paths(recipe: Recipe) -> None:
+    """``~`` and ``~user`` at the start of a local path become the home directory, as a shell would:
+    ``trainer.output_dir``, the data sources, model directories and ``redi`` files. A Hub id never
+    starts with ``~``, so only a value that does is touched."""
+    def expand(value: str | None) -> str | None:
+        return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+    t, d, m = recipe.trainer, recipe.data, recipe.model
+    t.output_dir = expand(t.output_dir)
+    d.source, d.eval_source = expand(d.source), expand(d.eval_source)
+    m.name_or_path, m.ref_model = expand(m.name_or_path), expand(m.ref_model)
+    recipe.teacher.name_or_path = expand(recipe.teacher.name_or_path)
+    recipe.redi.data, recipe.redi.sft_data = expand(recipe.redi.data), expand(recipe.redi.sft_data)
+    for s in recipe.eval.sets:
+        s.source = expand(s.source)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -576,7 +621,10 @@ def _positive(value: float, key: str, fix: str = "") -> None:
         raise ConfigError(f"{key}: must be > 0, got {value}{'; ' + fix if fix else ''}")
 
 
-_TRACKERS = {"tensorboard", "wandb", "trackio", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab"}
+# accelerate's trackers and the modules each one imports (tensorboard: either package will do)
+_TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "trackio": ("trackio",),
+             "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",),
+             "dvclive": ("dvclive",), "swanlab": ("swanlab",)}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -619,13 +667,24 @@ def _validate_values(recipe: Recipe) -> None:
         close = difflib.get_close_matches(t.lr_scheduler, schedulers, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
         raise ConfigError(f"trainer.lr_scheduler: unknown scheduler '{t.lr_scheduler}'{hint}; one of {', '.join(schedulers)}")
-    unknown = sorted(set(recipe.logging.report_to) - _TRACKERS)
-    if unknown:
-        raise ConfigError(f"logging.report_to: unknown tracker '{unknown[0]}'; one of {', '.join(sorted(_TRACKERS))}")
+    _validate_trackers(recipe.logging.report_to)
     if d.template not in TEMPLATES and "{question}" not in d.template:
         raise ConfigError(f"data.template: unknown template '{d.template}'; use one of {', '.join(sorted(TEMPLATES))} "
                           "or a string containing {question}")
     _validate_sources(recipe)
+
+
+def _validate_trackers(report_to: list[str]) -> None:
+    """Every tracker is one accelerate knows and its package is installed (looked up, not imported)."""
+    for name in report_to:
+        if name not in _TRACKERS:
+            close = difflib.get_close_matches(name, list(_TRACKERS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"logging.report_to: unknown tracker '{name}'{hint}; "
+                              f"one of {', '.join(sorted(_TRACKERS))}")
+        if not any(importlib.util.find_spec(module) is not None for module in _TRACKERS[name]):
+            raise ConfigError(f"logging.report_to: tracker '{name}' is not installed; pip install {_TRACKERS[name][0]} "
+                              "or drop it from logging.report_to")
 
 
 def _validate_rollout_engine(recipe: Recipe) -> None:
@@ -690,6 +749,51 @@ def _may_have_chat_template(name_or_path: str) -> bool:
         return True
 
 
+# Upper limits on sizes, far above any real run: a typo such as `prompts_per_step: 1000000000` fails here with one
+# line instead of allocating gigabytes (or overflowing) later. docs/reliability.md, "Malformed recipes".
+SIZE_LIMITS = {
+    "trainer.prompts_per_step": 1_000_000,
+    "rollout.group_size": 65_536,
+    "rollout.max_new_tokens": 1_048_576,
+    "eval.max_new_tokens": 1_048_576,
+    "eval.n": 65_536,
+    "data.max_prompt_length": 1_048_576,
+    "verifier.num_workers": 1_024,
+    "verifier.deadline_s": 3_600,
+    "rollout.vllm.server_timeout": 86_400,
+    "model.tiny.hidden_size": 65_536,
+    "model.tiny.intermediate_size": 1_048_576,
+    "model.tiny.num_layers": 1_024,
+    "model.tiny.max_position_embeddings": 1_048_576,
+}
+MAX_COMPLETIONS_PER_STEP = 16_777_216  # trainer.prompts_per_step × rollout.group_size (2**24)
+MAX_SEED = 2**31 - 1  # numpy takes seeds < 2**32 and accelerate adds the process index to trainer.seed
+
+
+def _validate_limits(recipe: Recipe) -> None:
+    """Size caps, seeds and the run directory's name: checks that must pass before anything is allocated."""
+    t = recipe.trainer
+    for key, limit in SIZE_LIMITS.items():
+        value = _walk_attrs(recipe, key)
+        if value is not None and value > limit:
+            raise ConfigError(f"{key}: {value} is above the limit of {limit:,}")
+    completions = t.prompts_per_step * recipe.rollout.group_size
+    if completions > MAX_COMPLETIONS_PER_STEP:
+        raise ConfigError(f"trainer.prompts_per_step × rollout.group_size = {completions:,} completions per rollout "
+                          f"batch is above the limit of {MAX_COMPLETIONS_PER_STEP:,}")
+    for key, seed in [("trainer.seed", t.seed), ("model.tiny.seed", recipe.model.tiny.seed)]:
+        if not 0 <= seed <= MAX_SEED:
+            raise ConfigError(f"{key}: must be in [0, 2**31 - 1] (numpy and accelerate seed with it), got {seed}")
+    if not t.output_dir.strip():
+        raise ConfigError("trainer.output_dir: must name a directory, got an empty string")
+
+
+def _walk_attrs(obj: Any, dotted: str) -> Any:
+    for name in dotted.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
 def validate(recipe: Recipe) -> None:
     """Cross-field rules; stage names and parameters are resolved against the registries."""
     from rltk.algos.pipeline import AlgorithmPipeline
@@ -714,6 +818,7 @@ def validate(recipe: Recipe) -> None:
         ("trainer.logprob_chunk_size", t.logprob_chunk_size),
     ]:
         _positive(value, key)
+    _validate_limits(recipe)
     if t.head_chunk_tokens < 0:
         raise ConfigError(f"trainer.head_chunk_tokens: must be >= 0 (0 = full logits), got {t.head_chunk_tokens}")
     if r.temperature <= 0:
@@ -735,11 +840,13 @@ def validate(recipe: Recipe) -> None:
     _validate_values(recipe)
     from rltk.algos.pipeline import StageCall
 
+    _convert_stage_params(recipe.algorithm)
     try:
         pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
                                      recipe.algorithm.aggregation, recipe.algorithm.terms)
         sampler_call = StageCall.from_spec("sampler", recipe.algorithm.sampler)
-        sampler_call.stage.fn(max(2, t.prompts_per_step), t.seed, **sampler_call.params)  # checks its knobs
+        # checks its knobs on a small stand-in dataset: never sized by the recipe, so nothing big is allocated
+        sampler_call(_DRY_RUN_PROMPTS, t.seed)  # what it raises is one line naming the sampler
         pipeline.dry_run()
     except StageError as exc:
         raise ConfigError(f"algorithm: {exc}") from None
@@ -766,6 +873,78 @@ def validate(recipe: Recipe) -> None:
                           "with the adapter disabled; drop model.ref_model")
     _validate_paced(recipe)
     _validate_rewards(recipe)
+
+
+_DRY_RUN_PROMPTS = 8  # dataset size the sampler is built with when the recipe loads (even, for pairing)
+
+
+def _stage_slots(a: AlgorithmConfig) -> list[tuple[str, str, Any]]:
+    """(kind, recipe key, spec) of every stage entry of ``algorithm``."""
+    slots = []
+    if isinstance(a.advantage, list):
+        slots += [("advantage" if i == 0 else "modifier", f"algorithm.advantage[{i}]", spec)
+                  for i, spec in enumerate(a.advantage)]
+    slots += [("loss", "algorithm.loss", a.loss), ("aggregation", "algorithm.aggregation", a.aggregation),
+              ("sampler", "algorithm.sampler", a.sampler)]
+    if isinstance(a.terms, list):
+        slots += [("term", f"algorithm.terms[{i}]", spec) for i, spec in enumerate(a.terms)]
+    return slots
+
+
+def _convert_stage_params(a: AlgorithmConfig) -> None:
+    """Stage parameters typed like every other field, in place: each value is converted to the type
+    its stage annotates (``coef: abc`` for a float is one line naming the key, the stage and the type;
+    ``1e-4`` read as a string by YAML 1.1 becomes a float), and a non-finite float is refused even
+    where the stage gives no annotation. Unknown stages and parameters are left to the registry,
+    which names the valid ones."""
+    from rltk.algos.registry import get_stage
+
+    for kind, key, spec in _stage_slots(a):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            continue
+        try:
+            stage = get_stage(kind, spec["name"])
+        except Exception:  # unknown or broken: building the pipeline reports it in one line
+            continue
+        hints = _stage_hints(stage)
+        for name in [k for k in spec if k != "name"]:
+            where = f"{key}.{name} ({kind} '{spec['name']}')"
+            hint = hints.get(name)
+            if hint is not None and _convertible(hint):
+                spec[name] = _convert(spec[name], hint, where)
+            else:
+                _refuse_non_finite(spec[name], where)
+
+
+def _stage_hints(stage: Any) -> dict[str, Any]:
+    """Resolved annotations of the parameters a recipe may set; {} where they cannot be resolved."""
+    import inspect
+
+    target = stage.fn.__init__ if inspect.isclass(stage.fn) else stage.fn
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # user code with annotations that do not resolve: values are passed as given
+        return {}
+    return {name: hints[name] for name in stage.parameters() if name in hints}
+
+
+def _convertible(tp: Any) -> bool:
+    """Whether ``_convert`` can check a value against ``tp`` (plain scalars, Literal, unions and lists of them)."""
+    if tp in (int, float, str, bool, type(None)):
+        return True
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return True
+    if origin in (Union, types.UnionType, list):
+        return all(_convertible(arg) for arg in typing.get_args(tp))
+    return False
+
+
+def _refuse_non_finite(value: Any, where: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    for item in values:
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ConfigError(f"{where}: must be a finite number, got {item}")
 
 
 def _validate_paced(recipe: Recipe) -> None:

@@ -23,12 +23,17 @@ def _policy_path(recipe: Recipe) -> str | None:
     return str(run_sft(recipe))
 
 
-def train(recipe: Recipe, *, resume: bool = False, evaluate_before: bool = True) -> dict[str, Any]:
-    """Optional SFT warm start, then RL; returns before/after evaluation reports and paths."""
+def train(recipe: Recipe, *, resume: bool = False, evaluate_before: bool = True, overwrite: bool = False,
+          allow_changes: bool = False, run=None) -> dict[str, Any]:
+    """Optional SFT warm start, then RL; returns before/after evaluation reports and paths. The
+    output directory is claimed first (rltk/trainer/run_dir.py): one holding another run is refused
+    unless ``resume`` continues it or ``overwrite`` moves it aside; ``run`` is an earlier claim."""
     from rltk.trainer.rl import RLTrainer
+    from rltk.trainer.run_dir import claim
 
+    run = run or claim(recipe, "rl", resume=resume, overwrite=overwrite, allow_changes=allow_changes)
     policy = _policy_path(recipe)
-    trainer = RLTrainer(recipe, policy_path=policy, resume=resume)
+    trainer = RLTrainer(recipe, policy_path=policy, resume=resume, run=run)
     try:
         return trainer.train(evaluate_before=evaluate_before)
     finally:
@@ -124,8 +129,10 @@ def sft_and_evaluate(recipe: Recipe) -> tuple[Path, dict]:
     """``rltk sft``: the warm start alone, then its held-out pass@k."""
     from rltk.trainer.sft import run_sft
 
+    from rltk.trainer.run_dir import output_dir
+
     path = run_sft(recipe, force=True)
-    report = evaluate_model(recipe, str(path), Path(recipe.trainer.output_dir) / "eval" / "sft")
+    report = evaluate_model(recipe, str(path), output_dir(recipe) / "eval" / "sft")
     return path, report["summary"]
 
 
@@ -171,14 +178,16 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
 
     A variant whose run directory holds a finished run of exactly its recipe is not trained again:
     its saved reports are used, so a long comparison can be run a few variants at a time (or
-    resumed after an interruption) and the last call tabulates and plots them all.
+    resumed after an interruption) and the last call tabulates and plots them all. An unfinished
+    run of its recipe (or one differing only in rltk.trainer.run_dir.SAFE_KEYS) is resumed; a run
+    of another recipe is never replaced: that is a one-line error naming the changed keys.
     """
     from rltk.eval.report import write_comparison, write_learning_curves
 
     variants = [v.strip() for v in variants if v.strip()]
     recipes = {v: build_recipe(variant_data(base, v), overrides) for v in variants}  # validate all first
     first = next(iter(recipes.values()))
-    out = Path(output_dir or Path(first.trainer.output_dir) / "compare")
+    out = Path(output_dir or Path(first.trainer.output_dir) / "compare").expanduser()
     start_model = _shared_warm_start(first, out)
     reports: dict[str, dict] = {}
     for name, recipe in recipes.items():
@@ -186,7 +195,8 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
         recipe.sft.enabled = False
         if start_model:
             recipe.model.name_or_path = start_model
-        result = _finished_run(recipe, out / name) or train(recipe, evaluate_before="start" not in reports)
+        result = _finished_run(recipe, out / name) or train(recipe, evaluate_before="start" not in reports,
+                                                            resume=_resumable_variant(recipe, out / name))
         if "before" in result:
             reports["start"] = result["before"]
         reports[name] = result["after"]
@@ -217,6 +227,25 @@ def _finished_run(recipe: Recipe, run_dir: Path) -> dict[str, dict] | None:
     return {k: {"summary": summaries[k]} for k in ("before", "after") if k in summaries}
 
 
+def _resumable_variant(recipe: Recipe, run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run to continue (of this recipe up to the safe keys); a run of
+    another recipe is a ConfigError, so a comparison never replaces a run it did not make."""
+    from rltk.trainer import run_dir as rd
+
+    if not rd.run_contents(run_dir):
+        return False
+    identity = rd.read_identity(run_dir)
+    if identity is None:
+        return True  # a run from an older rltk: --resume checks it against its recipe.json
+    changes = [c for c in rd.recipe_changes(identity.get("recipe") or {}, rd.plain_recipe(recipe))
+               if not rd.is_safe_key(c[0])]
+    if identity.get("kind") != "rl" or changes:
+        what = rd.format_changes(changes) if changes else f"a {identity.get('kind')} run"
+        raise ConfigError(f"compare: {run_dir} holds a run of another recipe ({what}); move it away or use "
+                          "another --output-dir")
+    return True
+
+
 def _eval_curve(run_dir: Path) -> dict[int, float]:
     """Held-out avg@n by step from a run's metrics.jsonl."""
     import json
@@ -242,20 +271,24 @@ def _shared_warm_start(recipe: Recipe, out: Path) -> str | None:
 # ---------------------------------------------------------------------------------- quickstart
 
 
-def quickstart(recipe: Recipe) -> str:
-    """Tiny model + built-in task: SFT warm start, RL, pass@k before/after, report, summary."""
+def quickstart(recipe: Recipe, *, overwrite: bool = False) -> str:
+    """Tiny model + built-in task: SFT warm start, RL, pass@k before/after, report, summary.
+    ``overwrite`` moves an earlier quickstart run in the output directory aside first."""
     from rltk.eval.report import write_comparison
+    from rltk.trainer.run_dir import claim, output_dir, plain_recipe
     from rltk.trainer.sft import run_sft
 
     start = time.perf_counter()
+    run = claim(recipe, "rl", overwrite=overwrite, resumable=False)  # before the warm start writes into it
     sft_path = run_sft(recipe)
     sft_seconds = time.perf_counter() - start
     recipe.model.name_or_path = str(sft_path)
     recipe.sft.enabled = False
+    run.recipe = plain_recipe(recipe)  # the recipe RL runs with: the warm start as its model
     start = time.perf_counter()
-    result = train(recipe)
+    result = train(recipe, run=run)
     rl_seconds = time.perf_counter() - start
-    out = Path(recipe.trainer.output_dir)
+    out = output_dir(recipe)
     reports = {"warm start (SFT)": result["before"], f"after RL ({_algo_name(recipe)})": result["after"]}
     table = write_comparison(out / "report", reports, f"built-in task, seed {recipe.trainer.seed}")
     before, after = result["before"]["summary"], result["after"]["summary"]

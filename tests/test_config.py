@@ -156,3 +156,85 @@ def test_flatten_keys_and_tracker_config():
                                     "teacher.name_or_path": None, "seed": 0}
     assert _tracker_config(nested) == {"trainer.lr": 1e-6, "trainer.adam_betas": "[0.9, 0.99]",
                                        "teacher.name_or_path": "null", "seed": 0}
+
+
+# --------------------------------------------------------------------------- NaN, inf, limits, paths
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.lr=.nan"], "trainer.lr: must be a finite number, got nan"),
+        (["trainer.lr=1e400"], "trainer.lr: must be a finite number, got '1e400'"),
+        (["trainer.weight_decay=.inf"], "trainer.weight_decay: must be a finite number, got inf"),
+        (["rollout.temperature=-.inf"], "rollout.temperature: must be a finite number, got -inf"),
+        (["verifier.deadline_s=.nan"], "verifier.deadline_s: must be a finite number, got nan"),
+        (["trainer.adam_betas=[0.9, .nan]"], "trainer.adam_betas[1]: must be a finite number"),
+        (["redi.sft_epochs=.nan"], "redi.sft_epochs: must be a finite number"),  # Union[float, None]
+        (["algorithm.advantage=[{name: grpo}, {name: ace}]", "algorithm.advantage[1].alpha=.nan"],
+         "algorithm.advantage[1].alpha (modifier 'ace'): must be a finite number, got nan"),
+        (["algorithm.advantage=[{name: grpo, eps: .inf}]"],
+         "algorithm.advantage[0].eps (advantage 'grpo'): must be a finite"),
+        (["algorithm.terms=[{name: kl, coef: abc}]"], "algorithm.terms[0].coef (term 'kl'): expected float"),
+        (["algorithm.loss={name: ppo_clip, epsilon_low: -0.5}"],
+         "ppo_clip: epsilon_low must be a finite number in [0, 1]"),
+        (["algorithm.loss={name: ppo_clip, dual_clip: 0.5}"], "ppo_clip: dual_clip must be a finite number > 1"),
+        (["trainer.seed=-1"], "trainer.seed: must be in [0, 2**31 - 1]"),
+        ([f"trainer.seed={2**31}"], "trainer.seed: must be in [0, 2**31 - 1]"),
+        ([f"trainer.steps={2**63}"], "trainer.steps: 9223372036854775808 is out of range"),
+        (["trainer.output_dir="], "trainer.output_dir: must name a directory"),
+        (["trainer.prompts_per_step=1000001"], "trainer.prompts_per_step: 1000001 is above the limit of 1,000,000"),
+        (["logging.report_to=[no_such]"], "logging.report_to: unknown tracker 'no_such'"),
+    ],
+)
+def test_non_finite_out_of_range_and_limits_are_one_line(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        build_recipe({}, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_limits_and_seed_bounds_are_inclusive():
+    import time
+
+    from rltk.config import MAX_SEED, SIZE_LIMITS
+
+    start = time.perf_counter()
+    recipe = build_recipe({}, [f"trainer.prompts_per_step={SIZE_LIMITS['trainer.prompts_per_step']}",
+                               f"trainer.seed={MAX_SEED}", "model.tiny.seed=0"])
+    assert recipe.trainer.prompts_per_step == 1_000_000 and recipe.trainer.seed == 2**31 - 1
+    assert time.perf_counter() - start < 10  # the sampler's dry run does not scale with prompts_per_step
+
+
+def test_stage_parameters_are_typed_at_load():
+    recipe = build_recipe({"algorithm": {"loss": {"name": "gspo", "epsilon_low": "3e-4", "epsilon_high": 4}}})
+    assert recipe.algorithm.loss == {"name": "gspo", "epsilon_low": 3e-4, "epsilon_high": 4.0}
+    assert isinstance(recipe.algorithm.loss["epsilon_high"], float)
+
+
+def test_pipeline_refuses_non_finite_parameters_without_the_recipe():
+    from rltk.algos.pipeline import AlgorithmPipeline
+    from rltk.algos.registry import StageError
+
+    with pytest.raises(StageError, match="loss 'ppo_clip': epsilon_high must be a finite number, got nan"):
+        AlgorithmPipeline(["grpo"], loss={"name": "ppo_clip", "epsilon_high": float("nan")})
+
+
+def test_home_is_expanded_in_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "train.jsonl").write_text("".join(f'{{"problem": "{i}+1", "answer": "{i + 1}"}}\n' for i in range(8)))
+    recipe = build_recipe({"trainer": {"output_dir": "~/runs/a"},
+                           "data": {"source": "~/train.jsonl", "eval_source": "~/train.jsonl", "num_test": 2}})
+    assert recipe.trainer.output_dir == str(tmp_path / "runs" / "a")
+    assert recipe.data.source == recipe.data.eval_source == str(tmp_path / "train.jsonl")
+    assert build_recipe({}, ["trainer.output_dir=runs/~x"]).trainer.output_dir == "runs/~x"  # only a leading ~
+
+
+def test_installed_tracker_is_accepted(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "wandb" else real(name, *a))
+    assert build_recipe({"logging": {"report_to": ["wandb"]}}).logging.report_to == ["wandb"]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    with pytest.raises(ConfigError, match="tracker 'wandb' is not installed; pip install wandb"):
+        build_recipe({"logging": {"report_to": ["wandb"]}})

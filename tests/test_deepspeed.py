@@ -7,19 +7,21 @@ must give the 1-process loss, gradient norm and updated weights: that checks rlt
 micro-batch accumulation against DeepSpeed's boundaries, the global normaliser, DeepSpeed's
 averaging, clipping and the single optimizer step. A ZeRO-2 run saved at step 1 and resumed must
 then reproduce the uninterrupted run's step-2 metrics and final weights.
+
+Every run gets a free port (``tests.conftest.free_port``) and shows its stderr when it fails;
+DeepSpeed's CPU ops are compiled once, before the first timed run (the ``deepspeed_ops`` fixture).
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import PACED_CORRECT, small_recipe_data
+from tests.conftest import PACED_CORRECT, build_deepspeed_ops, launch_with_free_port, small_recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "step_worker.py"
@@ -42,19 +44,18 @@ def cpu_config(tmp_path: Path, name: str) -> Path:
     return out
 
 
-def _run(cmd: list[str], env: dict) -> None:
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def launch_deepspeed(config: Path, script: list[str]) -> None:
+    """``accelerate launch`` of ``script`` on a free port; DeepSpeed's CPU ops are compiled first
+    (once per session, outside this run's timeout); a failure shows the run's stderr."""
+    build_deepspeed_ops()
+    launch_with_free_port(lambda port: ([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                                         str(config), "--main_process_port", str(port), *script], _env(port)))
 
 
-def launch_deepspeed(config: Path, port: int, script: list[str]) -> None:
-    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config),
-          "--main_process_port", str(port), *script], _env(port))
-
-
-def launch_single(port: int, script: list[str]) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-          f"--master_port={port}", *script], _env(port, ACCELERATE_USE_CPU="true"))
+def launch_single(script: list[str]) -> None:
+    launch_with_free_port(lambda port: ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1",
+                                         "--master_addr=127.0.0.1", f"--master_port={port}", *script],
+                                        _env(port, ACCELERATE_USE_CPU="true")))
 
 
 def _step_recipe(tmp_path: Path, model_dir: str, name: str, lora: bool, teacher: dict | None = None) -> Path:
@@ -103,20 +104,20 @@ def baselines(tmp_path_factory, tiny_model_dir):
     """1-process results, full fine-tuning and LoRA, computed once for the module."""
     tmp = tmp_path_factory.mktemp("one")
     out = {}
-    for name, lora, port in (("full", False, 29611), ("lora", True, 29612)):
+    for name, lora in (("full", False), ("lora", True)):
         recipe = _step_recipe(tmp, tiny_model_dir, name, lora)
-        launch_single(port, [str(WORKER), str(recipe), str(tmp / f"{name}.out.json"), "step"])
+        launch_single([str(WORKER), str(recipe), str(tmp / f"{name}.out.json"), "step"])
         out[name] = json.loads((tmp / f"{name}.out.json").read_text())
     return out
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("config,zero,lora,port", [("zero2", 2, False, 29621), ("zero3", 3, False, 29623),
-                                                   ("zero3", 3, True, 29625), ("zero3_offload", 3, False, 29627)],
+@pytest.mark.parametrize("config,zero,lora", [("zero2", 2, False), ("zero3", 3, False), ("zero3", 3, True),
+                                              ("zero3_offload", 3, False)],
                          ids=["zero2", "zero3", "zero3_lora", "zero3_offload"])
-def test_deepspeed_two_processes_match_one(tmp_path, tiny_model_dir, baselines, config, zero, lora, port):
+def test_deepspeed_two_processes_match_one(tmp_path, tiny_model_dir, baselines, deepspeed_ops, config, zero, lora):
     recipe = _step_recipe(tmp_path, tiny_model_dir, "run", lora)
-    launch_deepspeed(cpu_config(tmp_path, config), port, [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step"])
+    launch_deepspeed(cpu_config(tmp_path, config), [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step"])
     _compare(baselines["lora" if lora else "full"], json.loads((tmp_path / "two.json").read_text()), zero)
 
 
@@ -126,7 +127,7 @@ def _by_step(run: Path) -> dict[int, dict]:
 
 
 @pytest.mark.distributed
-def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
+def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, deepspeed_ops):
     """ZeRO-2 on 2 processes: stopped after step 1's checkpoint and resumed == 2 straight steps."""
     config = cpu_config(tmp_path, "zero2")
 
@@ -138,9 +139,9 @@ def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
         return path
 
     train = ["-m", "rltk", "train"]
-    launch_deepspeed(config, 29631, [*train, str(recipe("straight", 2))])
-    launch_deepspeed(config, 29632, [*train, str(recipe("resumed", 1))])  # "stops" after its step-1 checkpoint
-    launch_deepspeed(config, 29633, [*train, str(recipe("resumed", 2)), "--resume"])
+    launch_deepspeed(config, [*train, str(recipe("straight", 2))])
+    launch_deepspeed(config, [*train, str(recipe("resumed", 1))])  # "stops" after its step-1 checkpoint
+    launch_deepspeed(config, [*train, str(recipe("resumed", 2)), "--resume"])
     a, b = _by_step(tmp_path / "straight"), _by_step(tmp_path / "resumed")
     assert sorted(a) == sorted(b) == [1, 2]
     for key in ("loss", "reward/mean", "correct/mean", "completion/length_mean", "grad_norm"):
@@ -153,7 +154,7 @@ def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.distributed
-def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir):
+def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir, deepspeed_ops):
     """``launch/slurm.sbatch`` with ``launch/multinode.yaml`` (ZeRO-2), 2 "nodes" × 1 process on this
     machine: a stand-in ``srun`` runs the script's per-node command once per node id, as SLURM's
     one task per node would; both nodes must join one 2-process run that trains and checkpoints."""
@@ -168,10 +169,10 @@ def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir):
     data = small_recipe_data(tiny_model_dir, tmp_path / "run", trainer={"steps": 1, "prompts_per_step": 4})
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(data))
-    env = _env(29641, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_NNODES="2",
-               SLURM_JOB_NODELIST="node[0-1]", GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(config),
-               MAIN_PROCESS_PORT="29641")
-    _run(["bash", str(ROOT / "launch" / "slurm.sbatch"), str(recipe)], env)
+    launch_with_free_port(lambda port: (["bash", str(ROOT / "launch" / "slurm.sbatch"), str(recipe)], _env(
+        port, PATH=f"{bin_dir}:{Path(sys.executable).parent}:{os.environ['PATH']}", SLURM_NNODES="2",
+        SLURM_JOB_NODELIST="node[0-1]", GPUS_PER_NODE="1", ACCELERATE_CONFIG=str(config),
+        MAIN_PROCESS_PORT=str(port))))
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["final_checkpoint"].endswith("step-000001")
     assert (tmp_path / "run/checkpoints/step-000001/state/pytorch_model").is_dir()  # DeepSpeed state
@@ -179,11 +180,11 @@ def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("config,zero,privileged,lora,port", [
-    ("zero2", 2, False, False, 29651), ("zero3", 3, False, False, 29655), ("zero3", 3, True, False, 29659),
-    ("zero3", 3, True, True, 29663)], ids=["zero2_teacher_model", "zero3_teacher_model", "zero3_privileged",
-                                          "zero3_lora_privileged"])
-def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, config, zero, privileged, lora, port):
+@pytest.mark.parametrize("config,zero,privileged,lora", [
+    ("zero2", 2, False, False), ("zero3", 3, False, False), ("zero3", 3, True, False), ("zero3", 3, True, True)],
+    ids=["zero2_teacher_model", "zero3_teacher_model", "zero3_privileged", "zero3_lora_privileged"])
+def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, deepspeed_ops, config, zero, privileged,
+                                                 lora):
     """PACED under DeepSpeed: the teacher is a frozen engine (whole under ZeRO-2, sharded under
     ZeRO-3) or the student reading the solution; under ZeRO-3 both LM heads are gathered around the
     chunked KL's forward and backward. The step (policy loss + PACED, Σw over both ranks) equals
@@ -197,10 +198,11 @@ def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, confi
     else:
         cfg = TinyModelConfig(hidden_size=64, num_heads=2, seed=1)
         teacher = {"name_or_path": str(build_tiny_model(tmp_path / "teacher", cfg))}
-    recipe = _step_recipe(tmp_path, tiny_model_dir, "paced", lora, teacher)
-    launch_single(port, [str(WORKER), str(recipe), str(tmp_path / "one.json"), "step", PACED_CORRECT])
-    launch_deepspeed(cpu_config(tmp_path, config), port + 2,
-                     [str(WORKER), str(recipe), str(tmp_path / "two.json"), "step", PACED_CORRECT])
+    one_recipe = _step_recipe(tmp_path, tiny_model_dir, "paced-one", lora, teacher)  # a run directory each
+    two_recipe = _step_recipe(tmp_path, tiny_model_dir, "paced-two", lora, teacher)
+    launch_single([str(WORKER), str(one_recipe), str(tmp_path / "one.json"), "step", PACED_CORRECT])
+    launch_deepspeed(cpu_config(tmp_path, config),
+                     [str(WORKER), str(two_recipe), str(tmp_path / "two.json"), "step", PACED_CORRECT])
     one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
     assert two["lm_head_sharded"] == (zero == 3) and not one["lm_head_sharded"]  # the gather had work to do
     _compare(one, two, zero)

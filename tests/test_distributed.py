@@ -3,25 +3,26 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import PACED_CORRECT, small_recipe_data
+from tests.conftest import PACED_CORRECT, launch_with_free_port, small_recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "step_worker.py"
 
 
-def _launch(nproc: int, recipe: Path, out: Path, port: int, *extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port),
-           "ACCELERATE_USE_CPU": "true"}  # accelerate's MULTI_CPU (gloo) needs this without CUDA
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(WORKER), str(recipe), str(out), *extra]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _launch(nproc: int, recipe: Path, out: Path, *extra: str) -> dict:
+    """``torch.distributed.run`` of the step worker on a free port; a failure shows its stderr."""
+    def command(port: int) -> tuple[list[str], dict]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port),
+               "ACCELERATE_USE_CPU": "true"}  # accelerate's MULTI_CPU (gloo) needs this without CUDA
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", str(WORKER), str(recipe), str(out), *extra], env
+
+    launch_with_free_port(command)
     return json.loads(out.read_text())
 
 
@@ -32,8 +33,8 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir, aggregation):
                              algorithm={"aggregation": aggregation})
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(data))
-    one = _launch(1, recipe, tmp_path / "one.json", 29511)
-    two = _launch(2, recipe, tmp_path / "two.json", 29513)
+    one = _launch(1, recipe, tmp_path / "one.json")
+    two = _launch(2, recipe, tmp_path / "two.json")
     assert two["world"] == 2
     assert abs(one["loss"] - two["loss"]) < 1e-6
     diff = max(abs(a - b) for a, b in zip(one["grad"], two["grad"]))
@@ -53,8 +54,8 @@ def test_ddp_paced_two_processes_match_one(tmp_path, tiny_model_dir):
     data["teacher"] = {"name_or_path": str(teacher)}
     recipe = tmp_path / "recipe.json"
     recipe.write_text(json.dumps(data))
-    one = _launch(1, recipe, tmp_path / "one.json", 29515, "grad", PACED_CORRECT)
-    two = _launch(2, recipe, tmp_path / "two.json", 29517, "grad", PACED_CORRECT)
+    one = _launch(1, recipe, tmp_path / "one.json", "grad", PACED_CORRECT)
+    two = _launch(2, recipe, tmp_path / "two.json", "grad", PACED_CORRECT)
     assert two["world"] == 2
     assert abs(one["loss"] - two["loss"]) < 1e-6
     assert max(abs(a - b) for a, b in zip(one["grad"], two["grad"])) < 1e-6

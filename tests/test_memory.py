@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
 from rltk.memory import ModelShape, StepShape, activation_bytes, logprob_bytes, step_working_set
+from tests.conftest import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed" / "memory_worker.py"
@@ -25,8 +25,7 @@ def _measure(shape: ModelShape, step: StepShape) -> dict:
             "prompt": step.prompt, "completion": step.completion, "attn": step.attn_implementation or "sdpa",
             "checkpointing": step.gradient_checkpointing, "head_chunk": step.head_chunk}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(WORKER), json.dumps(spec)], env=env, capture_output=True, text=True,
-                          timeout=300, cwd=ROOT)
+    proc = run_command([sys.executable, str(WORKER), json.dumps(spec)], env, cwd=str(ROOT))  # stderr on a timeout
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

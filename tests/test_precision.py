@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import torch
 
 from rltk.config import ConfigError, build_recipe
-from tests.conftest import small_recipe_data
+from tests.conftest import launch_with_free_port, small_recipe_data
 from tests.test_deepspeed import cpu_config, launch_deepspeed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,13 +28,14 @@ def _recipe(tmp_path: Path, model_dir: str, name: str, **model) -> Path:
     return path
 
 
-def _launch_ddp(nproc: int, recipe: Path, out: Path, port: int) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port),
-           "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={port}", str(WORKER), str(recipe), str(out)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def _launch_ddp(nproc: int, recipe: Path, out: Path) -> dict:
+    def command(port: int) -> tuple[list[str], dict]:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "MASTER_PORT": str(port),
+               "ACCELERATE_USE_CPU": "true"}
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+                f"--master_port={port}", str(WORKER), str(recipe), str(out)], env
+
+    launch_with_free_port(command)  # a free port; a failure shows the run's stderr
     return json.loads(out.read_text())
 
 
@@ -49,23 +49,22 @@ def _assert_mixed(result: dict, world: int, zero: int) -> None:
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("nproc,port", [(1, 29531), (2, 29533)], ids=["one_process", "ddp"])
-def test_bf16_recipe_trains_float32_masters(tmp_path, tiny_model_dir, nproc, port):
-    result = _launch_ddp(nproc, _recipe(tmp_path, tiny_model_dir, "mixed"), tmp_path / "out.json", port)
+@pytest.mark.parametrize("nproc", [1, 2], ids=["one_process", "ddp"])
+def test_bf16_recipe_trains_float32_masters(tmp_path, tiny_model_dir, nproc):
+    result = _launch_ddp(nproc, _recipe(tmp_path, tiny_model_dir, "mixed"), tmp_path / "out.json")
     _assert_mixed(result, nproc, 0)
 
 
 @pytest.mark.distributed
-def test_bf16_recipe_under_zero2_keeps_float32_masters(tmp_path, tiny_model_dir):
+def test_bf16_recipe_under_zero2_keeps_float32_masters(tmp_path, tiny_model_dir, deepspeed_ops):
     config = cpu_config(tmp_path, "zero2")
-    launch_deepspeed(config, 29535, [str(WORKER), str(_recipe(tmp_path, tiny_model_dir, "zero2")),
-                                     str(tmp_path / "out.json")])
+    launch_deepspeed(config, [str(WORKER), str(_recipe(tmp_path, tiny_model_dir, "zero2")), str(tmp_path / "out.json")])
     _assert_mixed(json.loads((tmp_path / "out.json").read_text()), 2, 2)
 
 
 @pytest.mark.distributed
 def test_pure_bf16_is_explicit_and_loses_most_small_updates(tmp_path, tiny_model_dir):
-    result = _launch_ddp(1, _recipe(tmp_path, tiny_model_dir, "pure", pure_bf16=True), tmp_path / "out.json", 29537)
+    result = _launch_ddp(1, _recipe(tmp_path, tiny_model_dir, "pure", pure_bf16=True), tmp_path / "out.json")
     assert result["master_dtypes"] == ["torch.bfloat16"]
     assert result["changed_share"] < 0.5, result  # most lr-1e-6 updates round away in bf16
 

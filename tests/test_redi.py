@@ -402,15 +402,15 @@ def _flat_weights(state: dict) -> list[float]:
 @pytest.mark.distributed
 def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
     import os
-    import subprocess
     import sys
+
+    from tests.conftest import launch_with_free_port
 
     pairs = str(_pairs_file(tmp_path))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           "--master_port=29531", "-m", "tests.test_redi", tiny_model_dir, pairs, str(tmp_path / "two.json")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    launch_with_free_port(lambda port: ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                                         "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "tests.test_redi",
+                                         tiny_model_dir, pairs, str(tmp_path / "two.json")], env))
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2
 
@@ -422,13 +422,13 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.distributed
-def test_zero2_two_processes_match_one(tmp_path, tiny_model_dir):
+def test_zero2_two_processes_match_one(tmp_path, tiny_model_dir, deepspeed_ops):
     """REDI under DeepSpeed ZeRO-2 (launch/zero2.yaml, 2 processes over gloo): one optimizer step of
     2 micro-batches per rank equals the 1-process step (loss, gradient norm, updated weights)."""
     from tests.test_deepspeed import cpu_config, launch_deepspeed
 
     pairs = str(_pairs_file(tmp_path))
-    launch_deepspeed(cpu_config(tmp_path, "zero2"), 29533,
+    launch_deepspeed(cpu_config(tmp_path, "zero2"),
                      [str(Path(__file__)), tiny_model_dir, pairs, str(tmp_path / "two.json"), "step"])
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2

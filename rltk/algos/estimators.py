@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from rltk.algos.registry import StageError, register_advantage
+from rltk.algos.registry import StageError, check_number, register_advantage
 from rltk.algos.types import Advantages, Rollouts, group_stats
 
 
@@ -28,6 +28,7 @@ def grpo(rollouts: Rollouts, *, scale: str = "group", eps: float = 1e-6) -> Adva
     """
     if scale not in ("group", "batch", "none"):
         raise StageError(f"grpo: scale must be group, batch or none, got '{scale}'")
+    check_number("grpo", "eps", eps, "> 0 (an all-equal group has std 0)", lambda v: v > 0)
     index, groups = rollouts.group_index()
     mean, std, size = group_stats(rollouts.rewards, index, groups)
     centred = rollouts.rewards.double() - mean

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rltk.algos.registry import register_loss
+from rltk.algos.registry import check_number, register_loss
 from rltk.algos.types import Advantages, LossOutput, Rollouts
+
+
+def _check_clip(stage: str, epsilon_low: object, epsilon_high: object) -> None:
+    """ε_low in [0, 1] (the ratio's lower bound 1 − ε_low stays in [0, 1]; 1 = no lower clip), ε_high >= 0."""
+    check_number(stage, "epsilon_low", epsilon_low, "in [0, 1]", lambda v: 0 <= v <= 1)
+    check_number(stage, "epsilon_high", epsilon_high, ">= 0", lambda v: v >= 0)
 
 
 def _old(logps: Tensor, rollouts: Rollouts) -> Tensor:
@@ -48,6 +54,9 @@ def ppo_clip(
     """PPO clipped surrogate (Schulman et al. 2017, Eq. 7) with asymmetric ε (DAPO's clip-higher,
     Yu et al. 2025) and optional dual clip c > 1 (Ye et al. 2020): for A < 0 the loss is capped at −c·A.
     """
+    _check_clip("ppo_clip", epsilon_low, epsilon_high)
+    if dual_clip is not None:  # c <= 1 would cap the loss below the clipped objective itself
+        check_number("ppo_clip", "dual_clip", dual_clip, "> 1 (or null)", lambda v: v > 1)
     ratio = torch.exp(logps - _old(logps, rollouts))
     adv = advantages.per_token(logps.shape[1])
     return _clipped_objective(ratio, adv, epsilon_low, epsilon_high, dual_clip)
@@ -65,6 +74,7 @@ def gspo(
     """GSPO (Zheng et al. 2025, Eq. 5–7): the clipped objective with the sequence ratio
     s_i = exp(mean_t(logp − old_logp)), broadcast to every token. Defaults are the paper's ε.
     """
+    _check_clip("gspo", epsilon_low, epsilon_high)
     mask = rollouts.completion_mask
     log_ratio = (logps - _old(logps, rollouts)) * mask
     seq_log_ratio = log_ratio.sum(-1) / mask.sum(-1).clamp(min=1)
@@ -80,6 +90,7 @@ def cispo(
     """CISPO (MiniMax-M1, 2025, Eq. 4): −sg(min(ρ, ε_max))·A·logp — the importance weight is
     clipped and detached, so every token keeps a gradient.
     """
+    check_number("cispo", "epsilon_max", epsilon_max, "> 0", lambda v: v > 0)
     ratio = torch.exp(logps.detach() - _old(logps, rollouts))
     weight = torch.clamp(ratio, max=epsilon_max)
     adv = advantages.per_token(logps.shape[1])

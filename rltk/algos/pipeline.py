@@ -4,6 +4,7 @@ Built once from the recipe's ``algorithm`` section; the trainer calls it with te
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -42,7 +43,104 @@ class StageCall:
         return self.stage.needs(self.params)
 
     def __call__(self, *args: Any) -> Any:
-        return self.stage.fn(*args, **self.params)
+        """Call the stage; any exception it raises becomes a one-line :class:`StageFailure`
+        naming the stage and its function (the original is kept as ``__cause__``)."""
+        try:
+            return self.stage.fn(*args, **self.params)
+        except StageFailure:
+            raise
+        except StageError as exc:  # the stage's own one-line message (e.g. a bad knob value)
+            raise StageFailure(self.stage, str(exc), plain=True) from exc
+        except Exception as exc:
+            raise StageFailure(self.stage, f"raised {describe_exception(exc)}") from exc
+
+
+def function_name(fn: Any) -> str:
+    """``module.qualname`` of a function, class or callable object."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    module = getattr(target, "__module__", None)
+    name = getattr(target, "__qualname__", repr(target))
+    return f"{module}.{name}" if module else name
+
+
+def describe_exception(exc: BaseException, limit: int = 300) -> str:
+    """``Type: message`` on one line (whitespace collapsed, at most ``limit`` characters)."""
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class StageFailure(StageError):
+    """A stage raised, or returned something of the wrong type or shape. ``where`` names the stage
+    and its function, ``detail`` what went wrong; the trainer adds the step. When the stage raised
+    a :class:`StageError` itself (``plain``), the message is that error's, unchanged."""
+
+    def __init__(self, stage: Stage, detail: str, *, plain: bool = False):
+        self.kind, self.name, self.function = stage.kind, stage.name, function_name(stage.fn)
+        self.where = f"{stage.kind} '{stage.name}' ({self.function})"
+        self.detail = f"failed: {detail}" if plain else detail
+        self.plain = plain
+        super().__init__(detail if plain else f"{self.where} {detail}")
+
+
+def _type_name(value: Any) -> str:
+    if torch.is_tensor(value):
+        return f"a tensor of shape {list(value.shape)}"
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _check_advantages(call: StageCall, value: Any, rollouts: Rollouts) -> Advantages:
+    """An estimator's or modifier's output: ``Advantages`` with float values ``[N]`` or ``[N, T]``
+    and ``keep`` None or bool ``[N]``."""
+    n, t = rollouts.num_completions, rollouts.completion_mask.shape[-1]
+    if not isinstance(value, Advantages):
+        raise StageFailure(call.stage, f"returned {_type_name(value)}; expected rltk.algos.Advantages")
+    values, keep = value.values, value.keep
+    if not (torch.is_tensor(values) and values.is_floating_point()):
+        what = f"{values.dtype} values" if torch.is_tensor(values) else f"values that are {_type_name(values)}"
+        raise StageFailure(call.stage, f"returned Advantages with {what}; expected a float tensor")
+    if tuple(values.shape) not in ((n,), (n, t)):
+        raise StageFailure(call.stage, f"returned advantages of shape {list(values.shape)}; expected [N] = [{n}] "
+                                       f"or [N, T] = [{n}, {t}]")
+    if keep is not None and not (torch.is_tensor(keep) and keep.dtype == torch.bool and tuple(keep.shape) == (n,)):
+        got = f"{keep.dtype} of shape {list(keep.shape)}" if torch.is_tensor(keep) else _type_name(keep)
+        raise StageFailure(call.stage, f"returned Advantages.keep {got}; expected None or a bool tensor [N] = [{n}]")
+    return value
+
+
+def _check_loss(call: StageCall, value: Any, logps: Tensor) -> LossOutput:
+    """A loss's or term's output: a per-token ``[N, T]`` tensor or a ``LossOutput`` holding one,
+    with per-token metrics that broadcast to ``[N, T]``. A scalar is refused: averaging is the
+    aggregation's job."""
+    shape = list(logps.shape)
+    out = value if isinstance(value, LossOutput) else LossOutput(value) if torch.is_tensor(value) else None
+    if out is None:
+        raise StageFailure(call.stage, f"returned {_type_name(value)}; expected a per-token tensor {shape} "
+                                       "or rltk.algos.LossOutput")
+    per_token = out.per_token
+    if not torch.is_tensor(per_token):
+        raise StageFailure(call.stage, f"returned LossOutput.per_token that is {_type_name(per_token)}; "
+                                       f"expected a tensor [N, T] = {shape}")
+    if list(per_token.shape) != shape:
+        scalar = " (a scalar: return per-token values and leave the averaging to algorithm.aggregation)" \
+            if per_token.dim() == 0 else ""
+        raise StageFailure(call.stage, f"returned a per-token loss of shape {list(per_token.shape)}; expected "
+                                       f"[N, T] = {shape}{scalar}")
+    if not isinstance(out.token_metrics, dict):
+        raise StageFailure(call.stage, f"returned token_metrics that are {_type_name(out.token_metrics)}; "
+                                       "expected a dict of per-token tensors")
+    for key, metric in out.token_metrics.items():
+        ok = torch.is_tensor(metric)
+        if ok:
+            try:
+                ok = list(torch.broadcast_shapes(metric.shape, logps.shape)) == shape
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise StageFailure(call.stage, f"returned token metric '{key}' that is {_type_name(metric)}; "
+                                           f"expected a tensor [N, T] = {shape}")
+    return out
 
 
 def _dummy_rollouts() -> Rollouts:
@@ -63,10 +161,6 @@ def _dummy_rollouts() -> Rollouts:
         entropy=torch.rand(4, 2, generator=generator),
         extra={"step": 0},
     )
-
-
-def _as_loss_output(value: Tensor | LossOutput) -> LossOutput:
-    return value if isinstance(value, LossOutput) else LossOutput(value)
 
 
 class AlgorithmPipeline:
@@ -96,10 +190,10 @@ class AlgorithmPipeline:
 
     def compute_advantages(self, rollouts: Rollouts) -> tuple[Advantages, dict[str, float]]:
         """Run the estimator then each modifier; metrics are prefixed by the stage name."""
-        advantages = self.estimator(rollouts)
+        advantages = _check_advantages(self.estimator, self.estimator(rollouts), rollouts)
         metrics = {f"{self.estimator.name}/{k}": v for k, v in advantages.metrics.items()}
         for modifier in self.modifiers:
-            previous, advantages = advantages, modifier(rollouts, advantages)
+            previous, advantages = advantages, _check_advantages(modifier, modifier(rollouts, advantages), rollouts)
             if advantages.metrics is not previous.metrics:  # a stage that passes its input through adds none
                 metrics.update({f"{modifier.name}/{k}": v for k, v in advantages.metrics.items()})
         return advantages, metrics
@@ -111,11 +205,11 @@ class AlgorithmPipeline:
 
         ``rollouts.is_weights`` (sampler→trainer truncated importance sampling) reweights the policy
         loss only, before the terms are added (as TRL's GRPOTrainer does)."""
-        out = _as_loss_output(self.loss(logps, rollouts, advantages))
+        out = _check_loss(self.loss, self.loss(logps, rollouts, advantages), logps)
         total = apply_importance_weights(out.per_token, rollouts.is_weights)
         metrics = {f"{self.loss.name}/{k}": v for k, v in out.token_metrics.items()}
         for term in self.terms:
-            term_out = _as_loss_output(term(logps, rollouts, advantages))
+            term_out = _check_loss(term, term(logps, rollouts, advantages), logps)
             total = total + term_out.per_token
             metrics.update({f"{term.name}/{k}": v for k, v in term_out.token_metrics.items()})
         return total, metrics
@@ -124,16 +218,41 @@ class AlgorithmPipeline:
         """Run every stage once on a tiny synthetic batch, so a bad knob value (``alpha: -1``,
         ``fn: tanh``) raises its StageError when the recipe loads instead of at the first step.
 
-        Only StageError propagates: it is the stages' own parameter validation."""
+        Only StageError propagates: a stage's own parameter validation unchanged, anything else a
+        stage raises or returns wrongly (:class:`StageFailure`) as one line naming the stage and
+        its function."""
         rollouts = _dummy_rollouts()
-        advantages, _ = self.compute_advantages(rollouts)
-        logps = torch.full(rollouts.completion_mask.shape, -1.0, requires_grad=True)
-        per_token, _ = self.per_token_loss(logps, rollouts, advantages)
-        self.aggregate(per_token, rollouts.completion_mask, max(self.normalizer(rollouts.completion_mask, 2), 1.0))
+        try:
+            advantages, _ = self.compute_advantages(rollouts)
+            logps = torch.full(rollouts.completion_mask.shape, -1.0, requires_grad=True)
+            per_token, _ = self.per_token_loss(logps, rollouts, advantages)
+            self.aggregate(per_token, rollouts.completion_mask, max(self.normalizer(rollouts.completion_mask, 2), 1.0))
+        except StageFailure as exc:
+            if exc.plain:
+                raise
+            raise StageError(f"{exc} (in the check run on a synthetic batch of 2 groups × 2 completions when "
+                             "the recipe loads)") from exc
 
     def normalizer(self, mask: Tensor, max_completion_length: int) -> float:
         """This rank's share of the step normaliser (summed over micro-batches and ranks)."""
-        return self.aggregation.stage.normalizer(mask, max_completion_length)
+        stage = self.aggregation.stage
+        try:
+            value = stage.normalizer(mask, max_completion_length)
+        except Exception as exc:
+            raise StageFailure(stage, f"normalizer raised {describe_exception(exc)}") from exc
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            number = float("nan")
+        if not (math.isfinite(number) and number >= 0) or (torch.is_tensor(value) and value.numel() != 1):
+            got = repr(value) if isinstance(value, (int, float)) else _type_name(value)
+            raise StageFailure(stage, f"normalizer returned {got}; expected a finite number >= 0")
+        return number
 
     def aggregate(self, per_token_loss: Tensor, mask: Tensor, normalizer: float) -> Tensor:
-        return self.aggregation(per_token_loss, mask, normalizer)
+        """The step loss of ``per_token_loss``: a scalar tensor."""
+        value = self.aggregation(per_token_loss, mask, normalizer)
+        if not (torch.is_tensor(value) and value.dim() == 0):
+            raise StageFailure(self.aggregation.stage, f"returned {_type_name(value)}; expected a scalar tensor "
+                                                       "(shape [])")
+        return value

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -154,6 +155,10 @@ def _import_stage(kind: str, path: str) -> Stage:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise StageError(f"{kind} '{path}': cannot import module '{module_name}': {exc}") from None
+    except Exception as exc:  # a syntax error, or an exception while the module runs: one line, not a traceback
+        text = " ".join(str(exc).split())[:300]
+        raise StageError(f"{kind} '{path}': importing module '{module_name}' failed with "
+                         f"{type(exc).__name__}{': ' + text if text else ''}") from None
     fn = getattr(module, attr, None)
     if fn is None or not callable(fn):
         raise StageError(f"{kind} '{path}': module '{module_name}' has no callable '{attr}'")
@@ -167,8 +172,20 @@ def _import_stage(kind: str, path: str) -> Stage:
     return Stage(kind, path, fn, needs, normalizer)
 
 
+def check_number(stage: str, name: str, value: object, rule: str, ok: Callable[[float], bool]) -> None:
+    """Raise a one-line StageError unless ``value`` is a finite real number for which ``ok(value)``
+    holds; ``rule`` states the allowed range in the message, e.g. ``">= 0"``. For stages' own knob checks."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise StageError(f"{stage}: {name} must be a finite number{' ' + rule if rule else ''}, got {value!r}")
+
+
 def validate_params(stage: Stage, params: dict[str, Any]) -> None:
-    """Fail with the parameter, the stage and the valid names when a recipe sets an unknown one."""
+    """Fail with the parameter, the stage and the valid names when a recipe sets an unknown one, and
+    on a NaN or infinite number (it passes every ``value < 0`` range check a stage may make)."""
+    for key, value in params.items():
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise StageError(f"{stage.kind} '{stage.name}': {key} must be a finite number, got {item}")
     if stage.accepts_any_kwargs():
         return
     valid = stage.parameters()

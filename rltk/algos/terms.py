@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from rltk.algos.registry import StageError, register_term
+from rltk.algos.registry import StageError, check_number, register_term
 from rltk.algos.types import Advantages, LossOutput, Rollouts
 
 
@@ -22,6 +22,7 @@ def kl(
     """
     if estimator not in ("k1", "k2", "k3"):
         raise StageError(f"kl: estimator must be k1, k2 or k3, got '{estimator}'")
+    check_number("kl", "coef", coef, ">= 0 (a negative coefficient pushes away from the reference)", lambda v: v >= 0)
     if coef == 0.0:
         zero = torch.zeros_like(logps)
         return LossOutput(zero, {"kl": zero})
@@ -38,7 +39,9 @@ def kl(
 
 @register_term("entropy", needs=lambda params: {"entropy"} if params.get("coef", 0.0) else set())
 def entropy(logps: Tensor, rollouts: Rollouts, advantages: Advantages, *, coef: float = 0.0) -> LossOutput:
-    """Entropy bonus: −coef · H(π(·|context)) per token (Williams & Peng 1991)."""
+    """Entropy bonus: −coef · H(π(·|context)) per token (Williams & Peng 1991); a negative ``coef``
+    penalises entropy instead."""
+    check_number("entropy", "coef", coef, "", lambda v: True)
     if coef == 0.0:
         return LossOutput(torch.zeros_like(logps))
     return LossOutput(-coef * rollouts.entropy, {"entropy": rollouts.entropy.detach()})

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from rltk.algos.estimators import grpo
-from rltk.algos.registry import StageError, register_advantage
+from rltk.algos.registry import StageError, check_number, register_advantage
 from rltk.algos.types import Advantages, Rollouts, group_stats
 
 ROLES = ("pos", "neg")
@@ -157,8 +157,12 @@ def weighted_grpo(
     """
     if scope not in ("pair", "prompt"):
         raise StageError(f"weighted_grpo: scope must be pair or prompt, got '{scope}'")
+    for name, value in [("lam", lam), ("pos_success", pos_success), ("pos_failure", pos_failure),
+                        ("neg_success", neg_success), ("neg_failure", neg_failure)]:
+        check_number("weighted_grpo", name, value, "", lambda v: True)
     if scope == "pair" and lam < 0:
         raise StageError(f"weighted_grpo: lam must be >= 0, got {lam}")
+    check_number("weighted_grpo", "eps", eps, "> 0", lambda v: v > 0)
     group, num_groups = rollouts.group_index()
     roles = check_roles(rollouts, num_groups, paired=scope == "pair")
     role_is_pos = torch.tensor([r == "pos" for r in roles], dtype=torch.bool, device=group.device)

@@ -102,9 +102,29 @@ def build_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[s
     ]
 
 
+MIN_CHARS_PER_TOKEN_BOUND = 64  # floor of the characters-per-token bound of drop_long_prompts
+
+
+def max_chars_per_token(tokenizer) -> int:
+    """An upper bound on the characters one token of ``tokenizer`` stands for: its longest vocabulary
+    entry (byte-level entries hold one symbol per byte, so decoded text is never longer), and at
+    least ``MIN_CHARS_PER_TOKEN_BOUND``."""
+    try:
+        longest = max((len(piece) for piece in tokenizer.get_vocab()), default=0)
+    except Exception:  # a tokenizer without a readable vocabulary
+        longest = 0
+    return max(MIN_CHARS_PER_TOKEN_BOUND, longest)
+
+
 def drop_long_prompts(examples: list[Example], prompts: list[str], tokenizer, max_length: int):
-    """Skip prompts longer than ``max_length`` tokens; return the kept pairs and the skipped count."""
-    kept = [(e, p) for e, p in zip(examples, prompts) if len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= max_length]
+    """Skip prompts longer than ``max_length`` tokens; return the kept pairs and the skipped count.
+
+    A prompt of more than ``max_length × max_chars_per_token(tokenizer)`` characters cannot fit and
+    is skipped without being tokenized: a multi-megabyte row costs a length comparison, never a
+    tokenizer run over all of it (which can exhaust memory or abort the process)."""
+    char_limit = max_length * max_chars_per_token(tokenizer)
+    kept = [(e, p) for e, p in zip(examples, prompts)
+            if len(p) <= char_limit and len(tokenizer(p, add_special_tokens=False)["input_ids"]) <= max_length]
     if not kept:
         raise DataError(f"every prompt is longer than data.max_prompt_length = {max_length} tokens; raise it")
     return [e for e, _ in kept], [p for _, p in kept], len(examples) - len(kept)

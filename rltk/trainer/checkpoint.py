@@ -8,17 +8,35 @@ tokenizer, loadable by ``from_pretrained``) and ``trainer.json`` (step, sampler 
 (ZeRO-3 needs ``zero3_save_16bit_model: true``, as in ``launch/zero3.yaml``). Everything
 is written under ``.tmp-step-000010`` and renamed when complete, so a directory named ``step-*``
 is always whole and a partial one is never picked by ``--resume``.
+
+Before the completion marker ``trainer.json`` is written, every file of the checkpoint is fsynced
+(each process syncs ``state/``, the main one everything) and its size and sha256 are recorded in
+``trainer.json``'s ``manifest``; the directory renames are fsynced too. ``--resume`` verifies the
+newest checkpoint against its manifest and falls back to the previous complete one when a file is
+missing, truncated or altered (:func:`verify_checkpoint`); a damaged RNG file alone only costs
+bit-reproducibility. Pruning removes only checkpoints whose ``run_id`` is the saving run's.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rltk.io import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_RNG_FILE = re.compile(r"^state/random_states_\d+\.pkl$")  # accelerate's per-process RNG state
+MANIFEST_HASH = "sha256"
+_CHUNK = 8 << 20
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -44,8 +62,11 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step: int,
-                    trainer_state: dict[str, Any], keep: int, trust_remote_code: bool = False) -> Path:
-    """Write a complete checkpoint for ``step`` on every rank; the main rank renames it into place."""
+                    trainer_state: dict[str, Any], keep: int, trust_remote_code: bool = False,
+                    run_id: str | None = None) -> Path:
+    """Write a complete checkpoint for ``step`` on every rank; the main rank renames it into place.
+    ``run_id`` marks the checkpoint as the run's: pruning keeps the newest ``keep`` of that run's
+    checkpoints and never touches another's."""
     root = checkpoint_root(output_dir)
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
@@ -54,17 +75,202 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp / "state"))
+    accelerator.wait_for_everyone()
+    fsync_tree(tmp / "state")  # every process: what it wrote is on disk before the marker
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)  # collective under ZeRO-3
     if accelerator.is_main_process:
         export_model(accelerator, unwrapped, state_dict, tokenizer, tmp, trust_remote_code)
-        atomic_write_json(tmp / "trainer.json", {"step": step, **trainer_state})
-        if final.exists():
-            shutil.rmtree(final)
+        manifest = build_manifest(tmp)  # fsyncs every file as it hashes it
+        fsync_tree(tmp, files=False)
+        atomic_write_json(tmp / "trainer.json", {"step": step, **trainer_state, "run_id": run_id,
+                                                 "manifest": manifest})
+        old = root / f".old-step-{step:06d}"
+        if final.exists():  # the same step saved again: swap, so a whole checkpoint exists throughout
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
         tmp.rename(final)
-        _prune(root, keep)
+        _fsync_dir(root)
+        shutil.rmtree(old, ignore_errors=True)
+        _prune(root, keep, run_id)
     accelerator.wait_for_everyone()
     return final
+
+
+# ------------------------------------------------------------------ durability and verification
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path, files: bool = True) -> None:
+    """fsync every file (when ``files``) and every directory under ``root``."""
+    if not root.is_dir():
+        return
+    for dirpath, _, filenames in os.walk(root):
+        if files:
+            for name in filenames:
+                path = os.path.join(dirpath, name)
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _digest(path: Path, sync: bool = False) -> tuple[int, str]:
+    """Size and sha256 of ``path`` (read in 8 MiB chunks; hashlib releases the GIL, so files hash
+    in parallel threads); ``sync`` also fsyncs it."""
+    digest, size = hashlib.sha256(), 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+            size += len(chunk)
+        if sync:
+            os.fsync(handle.fileno())
+    return size, digest.hexdigest()
+
+
+def _checkpoint_files(checkpoint: Path) -> list[str]:
+    found = []
+    for dirpath, _, filenames in os.walk(checkpoint):
+        for name in filenames:
+            relative = Path(dirpath, name).relative_to(checkpoint).as_posix()
+            if relative != "trainer.json":
+                found.append(relative)
+    return sorted(found)
+
+
+def _workers(count: int) -> int:
+    return max(1, min(8, os.cpu_count() or 1, count))
+
+
+def build_manifest(checkpoint: Path) -> dict[str, Any]:
+    """``{"hash": "sha256", "files": {relative path: {"size", "sha256"}}}`` of every file in
+    ``checkpoint`` but ``trainer.json`` (which holds the manifest), fsyncing each."""
+    names = _checkpoint_files(checkpoint)
+    with ThreadPoolExecutor(_workers(len(names))) as pool:
+        digests = list(pool.map(lambda name: _digest(checkpoint / name, sync=True), names))
+    return {"hash": MANIFEST_HASH,
+            "files": {name: {"size": size, MANIFEST_HASH: hexdigest}
+                      for name, (size, hexdigest) in zip(names, digests)}}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One damaged file of a checkpoint: which, why, and whether only the RNG state is affected."""
+
+    file: str
+    reason: str
+    rng_only: bool = False
+
+    def __str__(self) -> str:
+        return f"{self.file}: {self.reason}"
+
+
+def read_trainer_state(checkpoint: Path) -> tuple[dict | None, Problem | None]:
+    """``trainer.json`` of ``checkpoint``, or the problem that makes it unusable."""
+    path = checkpoint / "trainer.json"
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        return None, Problem("trainer.json", f"unreadable ({exc.strerror or exc})")
+    try:
+        state = json.loads(text)
+    except ValueError as exc:
+        return None, Problem("trainer.json", f"not valid JSON ({exc.msg} at byte {exc.pos} of {len(text)}: truncated?)")
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "sampler" not in state:
+        return None, Problem("trainer.json", "lacks the step or sampler state")
+    return state, None
+
+
+def has_manifest(checkpoint: Path) -> bool:
+    state, _ = read_trainer_state(checkpoint)
+    return bool(state) and isinstance(state.get("manifest"), dict)
+
+
+def verify_checkpoint(checkpoint: Path) -> list[Problem]:
+    """What is wrong with ``checkpoint``: ``trainer.json`` unreadable, or a file of its manifest
+    missing, of another size or with another sha256. Files are hashed in parallel threads. A
+    checkpoint written before manifests existed is only checked for a readable ``trainer.json``."""
+    state, problem = read_trainer_state(checkpoint)
+    if problem:
+        return [problem]
+    manifest = state.get("manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        log.warning("checkpoint %s has no manifest (written by an older rltk): its files are not verified", checkpoint)
+        return []
+    files: dict[str, dict] = manifest["files"]
+    hash_name = manifest.get("hash", MANIFEST_HASH)
+
+    def check(item: tuple[str, dict]) -> Problem | None:
+        name, expected = item
+        rng = bool(_RNG_FILE.match(name))
+        path = checkpoint / name
+        try:
+            size = path.stat().st_size
+        except OSError:
+            return Problem(name, "missing", rng)
+        if size != expected.get("size"):
+            how = "truncated" if size < expected.get("size", 0) else "longer than written"
+            return Problem(name, f"{how}: {size} bytes, {expected.get('size')} when saved", rng)
+        if hash_name == MANIFEST_HASH and expected.get(MANIFEST_HASH):
+            try:
+                _, hexdigest = _digest(path)
+            except OSError as exc:
+                return Problem(name, f"unreadable ({exc.strerror or exc})", rng)
+            if hexdigest != expected[MANIFEST_HASH]:
+                return Problem(name, "content differs from its sha256 at save (same size: corrupted)", rng)
+        return None
+
+    with ThreadPoolExecutor(_workers(len(files))) as pool:
+        return [p for p in pool.map(check, sorted(files.items())) if p is not None]
+
+
+def choose_checkpoint(output_dir: str | Path,
+                      exclude: frozenset[str] = frozenset()) -> tuple[Path | None, list[Problem]]:
+    """The newest complete checkpoint that verifies, and its RNG-only problems. Each newer damaged
+    one is set aside (:func:`set_damaged_aside`) with a warning naming its files and what is wrong."""
+    for _, path in reversed(list_checkpoints(output_dir)):
+        if path.name in exclude:
+            continue
+        problems = verify_checkpoint(path)
+        fatal = [p for p in problems if not p.rng_only]
+        if not fatal:
+            return path, problems
+        try:
+            where = f"set aside as {set_damaged_aside(path).name}"
+        except OSError as exc:
+            where = f"left in place ({exc.strerror or exc})"
+        log.warning("--resume: checkpoint %s is damaged (%s); %s; falling back to the previous complete checkpoint",
+                    path.name, "; ".join(map(str, fatal)), where)
+    return None, []
+
+
+def set_damaged_aside(checkpoint: Path) -> Path:
+    """Rename a damaged checkpoint to ``damaged-step-N[-k]`` so it is neither resumed nor pruned."""
+    target = checkpoint.with_name(f"damaged-{checkpoint.name}")
+    n = 2
+    while target.exists():
+        target = checkpoint.with_name(f"damaged-{checkpoint.name}-{n}")
+        n += 1
+    checkpoint.rename(target)
+    _fsync_dir(checkpoint.parent)
+    return target
 
 
 def is_peft_model(model) -> bool:
@@ -124,10 +330,18 @@ def push_to_hub(checkpoint: Path, repo_id: str) -> None:
                           f"(the checkpoint is intact at {checkpoint})") from None
 
 
-def _prune(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and stale partial ones."""
+def checkpoint_run_id(checkpoint: Path) -> str | None:
+    state, _ = read_trainer_state(checkpoint)
+    return state.get("run_id") if state else None
+
+
+def _prune(root: Path, keep: int, run_id: str | None) -> None:
+    """Delete stale partial checkpoints and all but the newest ``keep`` complete checkpoints of run
+    ``run_id``. A checkpoint of another run, or one without a readable run id, is never deleted."""
     for path in root.glob(".tmp-step-*"):
         shutil.rmtree(path, ignore_errors=True)
-    complete = list_checkpoints(root.parent)
-    for _, path in complete[: max(0, len(complete) - keep)]:
+    if run_id is None:
+        return
+    mine = [path for _, path in list_checkpoints(root.parent) if checkpoint_run_id(path) == run_id]
+    for path in mine[: max(0, len(mine) - keep)]:
         shutil.rmtree(path, ignore_errors=True)

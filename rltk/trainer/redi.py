@@ -19,7 +19,9 @@ last one as the accumulation boundary.
 
 Metrics per optimizer step go to ``<output_dir>/redi_metrics.jsonl``; the final model (HF format,
 with the tokenizer) to ``<output_dir>/<redi.output_subdir>``, written to a temporary directory and
-renamed.
+renamed. The output directory is a run directory (:mod:`rltk.trainer.run_dir`): a directory that
+holds another run is refused unless ``--overwrite`` moves it aside, and both output subdirectories
+must lie strictly inside it.
 """
 from __future__ import annotations
 
@@ -49,6 +51,7 @@ from rltk.trainer.distributed import accelerator_handlers, configure_deepspeed, 
 from rltk.trainer.guard import NonFiniteGuard
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 from rltk.trainer.precision import compute_dtype, mixed_precision
+from rltk.trainer.run_dir import RunDir, claim, output_dir, subdir
 
 log = logging.getLogger(__name__)
 
@@ -212,12 +215,14 @@ def batch_loss(logps: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor, fm
 class RediTrainer:
     """Stage 2: the REDI objective over ``redi.epochs`` passes of the data (or ``redi.max_steps``)."""
 
-    def __init__(self, recipe: Recipe, model_path: str, table: RediTable, *, accelerator: Accelerator | None = None):
+    def __init__(self, recipe: Recipe, model_path: str, table: RediTable, *, accelerator: Accelerator | None = None,
+                 run: RunDir | None = None):
         self.recipe, self.cfg = recipe, recipe.redi
-        self.out = Path(recipe.trainer.output_dir)
+        self.out = output_dir(recipe)
         self.accelerator = accelerator or Accelerator(
             log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
             kwargs_handlers=accelerator_handlers(), mixed_precision=mixed_precision(recipe.model))
+        self.run = run or claim(recipe, "redi", resumable=False, ranks=self.accelerator)
         if self.accelerator.is_main_process:
             check_writable(self.out)
         set_seed(recipe.trainer.seed)
@@ -309,6 +314,7 @@ class RediTrainer:
         """Run every optimizer step, log metrics, save the final model; returns paths and counts."""
         acc = self.accelerator
         metrics_path = self.out / METRICS_FILE
+        self.run.start()  # the run's identity, before its metrics
         if acc.is_main_process:
             metrics_path.parent.mkdir(parents=True, exist_ok=True)
             metrics_path.write_text("")  # a fresh run
@@ -352,7 +358,7 @@ class RediTrainer:
     def save(self) -> Path:
         """The final model + tokenizer in HF format, written under a temporary name and renamed."""
         acc = self.accelerator
-        final = self.out / self.cfg.output_subdir
+        final = subdir(self.recipe, "redi.output_subdir")
         tmp = final.with_name(f".{final.name}.tmp")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -416,11 +422,14 @@ def _check_scheduler(name: str) -> None:
         raise ConfigError(f"redi.lr_scheduler: unknown scheduler '{name}'; use one of {names}") from None
 
 
-def run_redi(recipe: Recipe, *, evaluate: bool = False) -> dict[str, Any]:
+def run_redi(recipe: Recipe, *, evaluate: bool = False, overwrite: bool = False) -> dict[str, Any]:
     """Stage 1 (SFT, when ``sft.enabled``), stage 2 (REDI, when ``redi.data``), then optionally the
     held-out pass@k of the start and final models. Returns paths, counts and (with ``evaluate``)
-    the pass@k table."""
+    the pass@k table. ``overwrite`` moves a run already in ``trainer.output_dir`` aside."""
     cfg = recipe.redi
+    from rltk.trainer.run_dir import check_recipe_paths
+
+    check_recipe_paths(recipe)  # both stages' directories, before anything is read or written
     _check_scheduler(cfg.lr_scheduler)
     if cfg.data is None and not recipe.sft.enabled:
         raise ConfigError("redi.data: not set and sft.enabled is false, so there is nothing to train; point "
@@ -430,7 +439,8 @@ def run_redi(recipe: Recipe, *, evaluate: bool = False) -> dict[str, Any]:
     elif cfg.sft_data:
         _check_source("redi.sft_data", cfg.sft_data)
     table = read_redi_table(cfg.data) if cfg.data else None  # bad data fails before stage 1
-    out = Path(recipe.trainer.output_dir)
+    run = claim(recipe, "redi", overwrite=overwrite, resumable=False)  # before stage 1 writes anything
+    out = output_dir(recipe)
     result: dict[str, Any] = {}
     if recipe.sft.enabled:
         from rltk.trainer.sft import run_sft
@@ -443,7 +453,8 @@ def run_redi(recipe: Recipe, *, evaluate: bool = False) -> dict[str, Any]:
     result["start_model"] = start_model
     result["model_dir"] = start_model
     if table is not None:
-        result.update(RediTrainer(recipe, start_model, table).train())
+        result.update(RediTrainer(recipe, start_model, table, run=run).train())
+    run.start()  # (stage 1 only: the identity goes with the result)
     if evaluate:
         result["table"] = _evaluate(recipe, result, with_start=table is not None)
     from accelerate import PartialState
@@ -460,7 +471,7 @@ def _evaluate(recipe: Recipe, result: dict[str, Any], *, with_start: bool) -> st
     from rltk.eval.report import write_comparison
     from rltk.workflows import evaluate_model
 
-    out = Path(recipe.trainer.output_dir)
+    out = output_dir(recipe)
     start_name = "SFT (stage 1)" if "sft_dir" in result else "start"
     reports = {}
     if with_start:

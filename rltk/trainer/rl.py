@@ -23,7 +23,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from rltk.algos.pipeline import AlgorithmPipeline, StageCall
+from rltk.algos.pipeline import AlgorithmPipeline, StageCall, StageFailure, describe_exception
 from rltk.algos.types import Advantages, Rollouts
 from rltk.config import ConfigError, Recipe
 from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
@@ -33,15 +33,16 @@ from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.rollout.base import SamplingParams, rank_shard
 from rltk.rollout.factory import make_engine, require_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
-from rltk.trainer.checkpoint import latest_checkpoint, push_to_hub, save_checkpoint
+from rltk.trainer.checkpoint import choose_checkpoint, has_manifest, push_to_hub, save_checkpoint, set_damaged_aside
 from rltk.trainer.distributed import (accelerator_handlers, attach_generation, configure_deepspeed,
                                       generation_session, micro_batch_sync, prepare_frozen)
-from rltk.trainer.guard import NonFiniteGuard, TrainingError  # noqa: F401  (TrainingError re-exported)
+from rltk.trainer.guard import NonFiniteGuard, TrainingError, check_saveable  # noqa: F401  (TrainingError re-exported)
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
 from rltk.trainer.paced import make_paced
 from rltk.trainer.precision import compute_dtype, mixed_precision
 from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
+from rltk.trainer.run_dir import RunDir, claim, output_dir
 from rltk.trainer.sampler_correction import SamplerCorrection
 
 log = logging.getLogger(__name__)
@@ -51,15 +52,20 @@ class RLTrainer:
     """Owns the loop; everything algorithmic is delegated to the recipe's ``AlgorithmPipeline``."""
 
     def __init__(self, recipe: Recipe, *, policy_path: str | None = None, resume: bool = False,
-                 accelerator: Accelerator | None = None):
+                 accelerator: Accelerator | None = None, run: RunDir | None = None, overwrite: bool = False,
+                 allow_changes: bool = False):
         self.recipe = recipe
         t = recipe.trainer
         require_engine(recipe.rollout)  # a missing vLLM fails here: before any output or model load
-        self.out = Path(t.output_dir)
+        self.out = output_dir(recipe)
         self.accelerator = accelerator or Accelerator(
             log_with=recipe.logging.report_to or None, project_dir=str(self.out), step_scheduler_with_optimizer=False,
             kwargs_handlers=accelerator_handlers(), mixed_precision=mixed_precision(recipe.model),
         )
+        # the run directory contract (rltk/trainer/run_dir.py): checked before anything is written
+        self.run = run or claim(recipe, "rl", resume=resume, overwrite=overwrite, allow_changes=allow_changes,
+                                ranks=self.accelerator)
+        self.resumed_checkpoint: Path | None = None
         if self.accelerator.is_main_process:
             check_writable(self.out)
         set_seed(t.seed, device_specific=True)
@@ -162,35 +168,76 @@ class RLTrainer:
             test, build_prompts(test, d, self.tokenizer), self.tokenizer, d.max_prompt_length)
 
     def _make_sampler(self):
-        call = StageCall.from_spec("sampler", self.recipe.algorithm.sampler)
-        return call.stage.fn(len(self.train_examples), self.recipe.trainer.seed, **call.params)
+        self.sampler_call = call = StageCall.from_spec("sampler", self.recipe.algorithm.sampler)
+        return call(len(self.train_examples), self.recipe.trainer.seed)  # a failure: one line naming the sampler
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        check_saveable(self.model, self.optimizer, self.step, self._last_good_checkpoint())  # never a NaN checkpoint
+        self.run.start(self.step)  # the identity is on disk before the run's first checkpoint
         state = {"sampler": self.sampler.state_dict(), "counters": dict(self.counters),
                  "policy_path": self.policy_path}
         return save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out, self.step, state,
-                               self.recipe.trainer.keep_checkpoints, self.recipe.model.trust_remote_code)
+                               self.recipe.trainer.keep_checkpoints, self.recipe.model.trust_remote_code,
+                               run_id=self.run.run_id)
 
     def _resume(self) -> None:
+        """Load the newest checkpoint that verifies against its manifest; damaged newer ones are set
+        aside with a warning naming the file and the reason (rltk/trainer/checkpoint.py). The main
+        process verifies and chooses; a load that fails on any process falls back the same way."""
         import json
 
-        checkpoint = latest_checkpoint(self.out)
-        if checkpoint is None:
-            log.warning("--resume: no complete checkpoint under %s; starting from step 0", self.out)
-            return
-        self.accelerator.load_state(str(checkpoint / "state"))
+        from accelerate.utils import broadcast_object_list
+
+        acc, excluded = self.accelerator, set()
+        while True:
+            choice = [None, [], False]
+            if acc.is_main_process:
+                path, problems = choose_checkpoint(self.out, frozenset(excluded))
+                choice = [None if path is None else str(path), [str(p) for p in problems],
+                          path is not None and has_manifest(path)]
+            broadcast_object_list(choice)
+            if choice[0] is None:
+                log.warning("--resume: no usable complete checkpoint under %s; starting from step 0", self.out)
+                return
+            checkpoint, error = Path(choice[0]), None
+            try:
+                acc.load_state(str(checkpoint / "state"))
+            except Exception as exc:  # noqa: BLE001  (reported below, on one line)
+                error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            if not self._reduce_sum(1.0 if error else 0.0):
+                break
+            if choice[2]:  # its files are as saved: the recipe, not the checkpoint, is at fault
+                raise ConfigError(f"--resume: checkpoint {checkpoint} is intact but does not load into this run "
+                                  f"({error or 'on another process'}); a recipe change accepted with "
+                                  "--allow-changes may not fit it")
+            excluded.add(checkpoint.name)  # no manifest vouched for it: treat it as damaged
+            if acc.is_main_process:
+                try:
+                    where = f"set aside as {set_damaged_aside(checkpoint).name}"
+                except OSError as exc:
+                    where = f"left in place ({exc.strerror or exc})"
+                log.warning("--resume: checkpoint %s does not load (%s); %s; falling back to the previous complete "
+                            "checkpoint", checkpoint.name, error or "on another process", where)
+            acc.wait_for_everyone()
         state = json.loads((checkpoint / "trainer.json").read_text())
         self.step = int(state["step"])
         self.sampler.load_state_dict(state["sampler"])
         self.counters.update(state.get("counters", {}))
+        self.resumed_checkpoint = checkpoint
+        for problem in choice[1]:
+            log.warning("--resume: %s/%s; resuming from this checkpoint, but its random state is not restored as "
+                        "saved, so this resume is not bit-reproducible", checkpoint.name, problem)
         log.info("resumed from %s (step %d)", checkpoint, self.step)
 
     # ------------------------------------------------------------------ one rollout batch
     def collect(self) -> RolloutBatch:
         """This rank's share of the next rollout batch from the sampler."""
         t, acc = self.recipe.trainer, self.accelerator
-        indices = self.sampler.next_indices(t.prompts_per_step)
+        try:
+            indices = self.sampler.next_indices(t.prompts_per_step)
+        except Exception as exc:
+            raise StageFailure(self.sampler_call.stage, f"next_indices raised {describe_exception(exc)}") from exc
         roles = getattr(self.sampler, "last_roles", None)
         per_rank = t.prompts_per_step // acc.num_processes
         first_group = self.step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
@@ -355,7 +402,8 @@ class RLTrainer:
 
     def optimize(self, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, float]:
         """One optimizer step on ``rows`` of this rank's batch (a mini-batch of whole groups)."""
-        metrics = self.accumulate_gradients(batch, rows)
+        with self.guard.engine_step(self.optimizer, self.step + 1):  # DeepSpeed steps inside the last backward
+            metrics = self.accumulate_gradients(batch, rows)
         if metrics.get("empty_step"):
             self.counters["empty_steps"] += 1
             return metrics
@@ -460,14 +508,36 @@ class RLTrainer:
         return self.pipeline.aggregate(-weights * out.logps, mask, normalizer) * self.accelerator.num_processes
 
     def _apply_update(self, metrics: dict[str, float]) -> None:
-        """Optimizer step, or skip and count it when the loss or gradient is not finite."""
+        """Optimizer step, or skip and count it when the loss, the gradient or the updated weights
+        or optimizer state would not be finite (rltk/trainer/guard.py)."""
         if not self.guard.step(self.optimizer, self.scheduler, metrics, self.step + 1):
             self.counters["skipped_nonfinite_steps"] += 1
         else:
             self.engine.sync_weights()  # the engine samples from the new weights from its next generate on
 
     def train_batch(self) -> dict[str, float]:
-        """Collect one rollout batch and run its ``ppo_epochs × mini_batches`` optimizer steps."""
+        """Collect one rollout batch and run its ``ppo_epochs × mini_batches`` optimizer steps.
+
+        A stage, sampler or reward function that raises or returns the wrong type or shape stops
+        training with one line (:class:`TrainingError`) naming it, its function and the step; the
+        traceback is logged at debug level (``rltk -v``)."""
+        from rewards.registry import RewardError
+
+        try:
+            return self._train_batch()
+        except (StageFailure, RewardError) as exc:
+            log.debug("step %d: user code failed", self.step + 1, exc_info=True)
+            last = self._last_good_checkpoint()
+            kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
+            raise TrainingError(f"step {self.step + 1}: {exc.where} {exc.detail}; {kept} "
+                                "(rltk -v logs the traceback)") from exc
+
+    def _last_good_checkpoint(self) -> Path | None:
+        from rltk.trainer.checkpoint import latest_checkpoint
+
+        return latest_checkpoint(self.out)
+
+    def _train_batch(self) -> dict[str, float]:
         t = self.recipe.trainer
         start = time.perf_counter()
         batch = self.collect()
@@ -511,6 +581,7 @@ class RLTrainer:
     def train(self, evaluate_before: bool = True) -> dict[str, Any]:
         """Run to ``trainer.steps``; returns before/after evaluation reports and the final checkpoint."""
         t, acc = self.recipe.trainer, self.accelerator
+        self.run.start(self.step)  # the run's identity, before its first metrics line
         metrics_log = MetricsLog(acc, self.out, self.recipe.logging.report_to, self.recipe.logging.project,
                                  self.recipe.to_dict(), resume_step=self.step if self.step else -1)
         if acc.is_main_process:
@@ -533,7 +604,8 @@ class RLTrainer:
                     self.save()
         finally:
             bar.close()
-        final = self.save()
+        resumed = self.resumed_checkpoint
+        final = resumed if resumed is not None and resumed.name == f"step-{self.step:06d}" else self.save()
         result["after"] = self.evaluate(f"step-{self.step:06d}")
         metrics_log.log(self.step, _eval_metrics(result["after"]["summary"]))
         metrics_log.close()

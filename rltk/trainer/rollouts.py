@@ -46,17 +46,23 @@ def combine_rewards(texts: list[str], columns: dict[str, list[Any]], verdicts, r
     """Weighted sum of reward functions (TRL signature ``fn(completions, **columns)``).
 
     ``math`` reuses the verifier's verdicts instead of verifying twice. ``None`` rewards count as 0
-    and are counted.
+    and are counted. A function that raises, or returns anything but one finite number (or None) per
+    completion, raises :class:`rewards.registry.RewardError`: one line naming the reward and its
+    function (the trainer adds the step).
     """
+    from rewards.registry import RewardError, check_reward_values, describe_error
+
     total = torch.zeros(len(texts), dtype=torch.float32)
     missing = 0
     for name, fn, weight in reward_fns:
         if name == "math":
             values = [v.reward for v in verdicts]
         else:
-            values = fn(texts, **columns)
-            if len(values) != len(texts):
-                raise ValueError(f"reward '{name}' returned {len(values)} values for {len(texts)} completions")
+            try:
+                values = fn(texts, **columns)
+            except Exception as exc:
+                raise RewardError(name, fn, f"raised {describe_error(exc)}") from exc
+            values = check_reward_values(name, fn, values, len(texts))
         missing += sum(v is None for v in values)
         total += weight * torch.tensor([0.0 if v is None else float(v) for v in values])
     return total, missing

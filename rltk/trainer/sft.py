@@ -4,6 +4,9 @@ The completion is the example's worked solution (or ``\\boxed{answer}`` when a d
 followed by EOS; the loss is on completion tokens only. The result is an HF directory at
 ``<trainer.output_dir>/<sft.output_subdir>``, written to a temporary directory and renamed, and
 reused when it already exists (so ``rltk compare`` warm-starts every variant from one model).
+``sft.output_subdir`` must name a subdirectory strictly inside the run directory
+(:func:`rltk.trainer.run_dir.subdir`), and a directory there that rltk's SFT did not write is never
+replaced.
 """
 from __future__ import annotations
 
@@ -15,16 +18,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rltk.config import Recipe, flatten_keys
+from rltk.config import ConfigError, Recipe, flatten_keys
 from rltk.data.recipe import build_prompts, load_split
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
+from rltk.trainer.run_dir import output_dir, subdir
 
 log = logging.getLogger(__name__)
 
 
 def sft_output_dir(recipe: Recipe) -> Path:
-    return Path(recipe.trainer.output_dir) / recipe.sft.output_subdir
+    """``<trainer.output_dir>/<sft.output_subdir>``, confined to the run directory (else a ConfigError)."""
+    return subdir(recipe, "sft.output_subdir")
 
 
 def _fingerprint(recipe: Recipe) -> dict:
@@ -61,8 +66,11 @@ def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
             return out
         log.warning("SFT warm start: %s was made with other settings (%s); training it again", out,
                     _changed_settings(stored, fingerprint))
+    if out.exists() and not marker.is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"sft.output_subdir: {out} exists and is not an SFT model written by rltk; it is not "
+                          "replaced: choose another sft.output_subdir or move it")
     check_writable(out.parent)
-    base = resolve_model_path(recipe.model, recipe.trainer.output_dir)
+    base = resolve_model_path(recipe.model, output_dir(recipe))
     tokenizer = load_tokenizer(base, recipe.model.trust_remote_code)
     model = load_model(base, recipe.model)
     s = recipe.sft

@@ -196,6 +196,45 @@ def test_long_prompts_are_dropped_and_counted(tokenizer):
     assert skipped == len(questions) - len(kept)
 
 
+class _CountingTokenizer:
+    """The tiny tokenizer, recording the length of every text it is asked to tokenize."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def get_vocab(self):
+        return self.tokenizer.get_vocab()
+
+
+def test_20mb_prompt_row_is_skipped_and_counted_without_tokenizing(tmp_path, tokenizer, monkeypatch):
+    """A 20 MB prompt once went whole through the tokenizer, which can abort the process (exit 134, no
+    message); now it is longer than max_prompt_length × max_chars_per_token characters, so it is
+    skipped and counted before any tokenizer sees it."""
+    import datasets
+
+    from rltk.data.recipe import max_chars_per_token
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")  # its 20 MB Arrow copy too
+    huge = "7" * 20_000_000
+    rows = [{"problem": "1+1=?", "answer": "2"}, {"problem": huge, "answer": "3"}, {"problem": "2+2=?", "answer": "4"}]
+    path = write(tmp_path, "train.jsonl", jsonl(rows))
+    start = time.perf_counter()
+    examples = load_examples(path)
+    assert len(examples) == 3 and len(examples[1].question) == 20_000_000
+    cfg = DataConfig(source=path, template="builtin", max_prompt_length=512)
+    prompts = build_prompts(examples, cfg, tokenizer)
+    counting = _CountingTokenizer(tokenizer)
+    kept, kept_prompts, skipped = drop_long_prompts(examples, prompts, counting, cfg.max_prompt_length)
+    assert [e.question for e in kept] == ["1+1=?", "2+2=?"] and skipped == 1
+    assert len(counting.lengths) == 2 and max(counting.lengths) <= 512 * max_chars_per_token(tokenizer)
+    assert max_chars_per_token(tokenizer) >= 64
+    assert time.perf_counter() - start < 60
+
+
 def test_every_prompt_too_long_is_one_data_error(tokenizer):
     examples = _examples(["q" * 600, "r" * 10_000])
     prompts = [format_prompt(e.question, "builtin") for e in examples]
