@@ -671,7 +671,20 @@ def _validate_values(recipe: Recipe) -> None:
     if d.template not in TEMPLATES and "{question}" not in d.template:
         raise ConfigError(f"data.template: unknown template '{d.template}'; use one of {', '.join(sorted(TEMPLATES))} "
                           "or a string containing {question}")
+    _check_format("data.template", TEMPLATES.get(d.template, d.template), question="q")
+    _check_format("data.answer_template", d.answer_template, answer="a")
+    _check_format("teacher.privileged_template", recipe.teacher.privileged_template, solution="s", prompt="p")
     _validate_sources(recipe)
+
+
+def _check_format(key: str, template: str, **fields: str) -> None:
+    """``template.format(**fields)`` works: every ``{name}`` is one of ``fields``, literal braces doubled."""
+    try:
+        template.format(**fields)
+    except (KeyError, IndexError, ValueError) as exc:
+        names = ", ".join("{" + f + "}" for f in fields)
+        raise ConfigError(f"{key}: {template!r} is not a valid template ({type(exc).__name__}: {exc}); it may name "
+                          f"only {names}, and literal braces are doubled, e.g. \\boxed{{{{}}}}") from None
 
 
 def _validate_trackers(report_to: list[str]) -> None:

@@ -173,6 +173,12 @@ def variant_data(base: dict[str, Any], variant: str) -> dict[str, Any]:
                       "or a path to a recipe file")
 
 
+def variant_name(variant: str) -> str:
+    """A variant's name in the table and its run directory under the comparison: the preset's name,
+    or a recipe file's stem (``/abs/path/nsr_lr.yaml`` -> ``nsr_lr``), never a path."""
+    return variant if variant in VARIANTS else Path(variant).stem
+
+
 def compare(base: dict[str, Any], overrides: list[str], variants: list[str], output_dir: str | None):
     """Train every variant from the same warm start, seed and data; one pass@k table and plot.
 
@@ -185,7 +191,12 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
     from rltk.eval.report import write_comparison, write_learning_curves
 
     variants = [v.strip() for v in variants if v.strip()]
-    recipes = {v: build_recipe(variant_data(base, v), overrides) for v in variants}  # validate all first
+    names = [variant_name(v) for v in variants]
+    if len(set(names)) != len(names):
+        twice = sorted({n for n in names if names.count(n) > 1})
+        raise ConfigError(f"--variants: two variants would share the run directory '{twice[0]}'; name the recipe "
+                          "files differently")
+    recipes = {n: build_recipe(variant_data(base, v), overrides) for n, v in zip(names, variants)}  # validate all first
     first = next(iter(recipes.values()))
     out = Path(output_dir or Path(first.trainer.output_dir) / "compare").expanduser()
     start_model = _shared_warm_start(first, out)

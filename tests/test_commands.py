@@ -95,3 +95,18 @@ def test_tiny_model_is_rebuilt_when_its_settings_change(tmp_path):
     assert _json.loads((path / "config.json").read_text())["hidden_size"] == 32
     build_tiny_model(tmp_path / "tiny", TinyModelConfig(hidden_size=64, num_heads=2))
     assert _json.loads((path / "config.json").read_text())["hidden_size"] == 64
+
+
+def test_compare_variant_paths_name_run_directories_inside_the_comparison(tmp_path):
+    """A variant given as a recipe path (even absolute) runs under the comparison directory, named
+    by the file's stem; two files with one stem are refused before anything runs."""
+    import pytest
+
+    from rltk.config import ConfigError
+    from rltk.workflows import compare, variant_name
+
+    assert variant_name("nsr") == "nsr"
+    assert variant_name(str(tmp_path / "sub" / "nsr_lr.yaml")) == "nsr_lr"
+    with pytest.raises(ConfigError, match="two variants would share the run directory 'v'"):
+        compare({}, [], [str(tmp_path / "a" / "v.yaml"), str(tmp_path / "b" / "v.yaml")], str(tmp_path / "cmp"))
+    assert not (tmp_path / "cmp").exists()
