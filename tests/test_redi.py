@@ -448,3 +448,17 @@ if __name__ == "__main__":  # the 2-process worker (test_ddp_two_processes_match
     import sys
 
     _ddp_worker(*sys.argv[1:])
+
+
+def test_save_refuses_non_finite_weights_and_keeps_the_previous_model(tmp_path, tiny_model_dir):
+    from rltk.trainer.guard import TrainingError
+
+    trainer = RediTrainer(_recipe(tiny_model_dir, tmp_path / "run"), tiny_model_dir,
+                          read_redi_table(str(_pairs_file(tmp_path))))
+    good = trainer.save()
+    before = sorted(p.name for p in good.iterdir())
+    with torch.no_grad():
+        next(trainer.model.parameters()).view(-1)[0] = float("nan")
+    with pytest.raises(TrainingError, match="refusing to save a checkpoint: the weights or the optimizer state hold"):
+        trainer.save()
+    assert sorted(p.name for p in good.iterdir()) == before  # the previous model is untouched

@@ -48,7 +48,7 @@ from rltk.data.pairs import read_rows
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.trainer.distributed import accelerator_handlers, configure_deepspeed, micro_batch_sync
-from rltk.trainer.guard import NonFiniteGuard
+from rltk.trainer.guard import NonFiniteGuard, check_saveable
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 from rltk.trainer.precision import compute_dtype, mixed_precision
 from rltk.trainer.run_dir import RunDir, claim, output_dir, subdir
@@ -356,9 +356,11 @@ class RediTrainer:
             self.accelerator.log({f"redi/{k}": v for k, v in metrics.items()}, step=self.step)
 
     def save(self) -> Path:
-        """The final model + tokenizer in HF format, written under a temporary name and renamed."""
+        """The final model + tokenizer in HF format, written under a temporary name and renamed;
+        refused with one line when the weights or optimizer state are not finite."""
         acc = self.accelerator
         final = subdir(self.recipe, "redi.output_subdir")
+        check_saveable(self.model, self.optimizer, self.step, None)
         tmp = final.with_name(f".{final.name}.tmp")
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
