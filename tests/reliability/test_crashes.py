@@ -61,8 +61,13 @@ def _same_run(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("straight")
+    start = time.perf_counter()
     _rltk("train", _recipe(tmp, tiny_model_dir, "run"))
+    UNINTERRUPTED_SECONDS.append(time.perf_counter() - start)
     return tmp / "run"
+
+
+UNINTERRUPTED_SECONDS: list[float] = []  # wall time of the uninterrupted run, for kill points within a run
 
 
 def test_kill_inside_checkpoint_write_then_resume(tmp_path, tiny_model_dir, uninterrupted):
@@ -85,10 +90,11 @@ def test_kill_at_random_points_then_resume(tmp_path, tiny_model_dir, uninterrupt
     recipe = _recipe(tmp_path, tiny_model_dir, "run")
     rng = random.Random(7)
     kills = 0
+    whole = UNINTERRUPTED_SECONDS[0]  # kill points are fractions of a whole run, however fast the machine
     for attempt in range(3):
         args = [sys.executable, "-m", "rltk", "train", str(recipe)] + (["--resume"] if attempt else [])
         proc = subprocess.Popen(args, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(4.0, 12.0))
+        time.sleep(rng.uniform(0.3, 0.8) * whole)
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             kills += 1
