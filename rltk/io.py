@@ -42,3 +42,18 @@ def check_writable(directory: str | Path) -> None:
         probe.close()
     except OSError as exc:
         raise PermissionError(f"output directory '{directory}' is not writable: {exc.strerror or exc}") from None
+
+
+def fsync_dir(path: str | Path) -> None:
+    """fsync a directory, so a rename or a new entry in it survives a power loss; best effort
+    (some filesystems refuse to open or sync a directory)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rltk.io import atomic_write_json
+from rltk.io import atomic_write_json, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
-        _fsync_dir(root)
+        fsync_dir(root)
         shutil.rmtree(old, ignore_errors=True)
         _prune(root, keep, run_id)
     accelerator.wait_for_everyone()
@@ -99,18 +99,6 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
 
 # ------------------------------------------------------------------ durability and verification
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(root: Path, files: bool = True) -> None:
@@ -129,7 +117,7 @@ def fsync_tree(root: Path, files: bool = True) -> None:
                     os.fsync(fd)
                 finally:
                     os.close(fd)
-        _fsync_dir(Path(dirpath))
+        fsync_dir(Path(dirpath))
 
 
 def _digest(path: Path, sync: bool = False) -> tuple[int, str]:
@@ -269,7 +257,7 @@ def set_damaged_aside(checkpoint: Path) -> Path:
         target = checkpoint.with_name(f"damaged-{checkpoint.name}-{n}")
         n += 1
     checkpoint.rename(target)
-    _fsync_dir(checkpoint.parent)
+    fsync_dir(checkpoint.parent)
     return target
 
 

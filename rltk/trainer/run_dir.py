@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from rltk.config import ConfigError, Recipe, flatten_keys
+from rltk.io import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -183,21 +184,9 @@ def move_aside(path: Path) -> Path:
     except OSError as exc:
         raise ConfigError(f"--overwrite: cannot move {path} aside to {target}: {exc.strerror or exc}; move it "
                           "yourself or choose another trainer.output_dir") from None
-    _fsync_dir(resolved.parent)
+    fsync_dir(resolved.parent)
     return target
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _write_exclusive(path: Path, data: dict) -> None:
@@ -221,7 +210,7 @@ def _write_exclusive(path: Path, data: dict) -> None:
                 os.fsync(handle.fileno())
     finally:
         Path(tmp).unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 class _Ranks:
