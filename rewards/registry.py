@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 from rewards.format import format_reward
 from rewards.math import math_reward
+from rltk.describe import describe_exception, function_name
 
-__all__ = ["REWARD_COLUMNS", "REWARD_FUNCTIONS", "RewardError", "check_reward_values", "describe_error",
-           "get_reward_function"]
+__all__ = ["REWARD_COLUMNS", "REWARD_FUNCTIONS", "RewardError", "check_reward_values", "get_reward_function"]
 
 REWARD_FUNCTIONS: dict[str, Callable[..., list]] = {"math": math_reward, "format": format_reward}
 """Built-in rewards, with TRL's signature ``fn(completions, **columns) -> list[float | None]``."""
@@ -29,22 +29,6 @@ class RewardError(ValueError):
         self.where = f"reward '{name}' ({function_name(fn)})"
         self.detail = detail
         super().__init__(f"{self.where} {detail}")
-
-
-def function_name(fn: Callable) -> str:
-    """``module.qualname`` of a function or callable object."""
-    target = fn if hasattr(fn, "__qualname__") else type(fn)
-    module = getattr(target, "__module__", None)
-    name = getattr(target, "__qualname__", repr(target))
-    return f"{module}.{name}" if module else name
-
-
-def describe_error(exc: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line (whitespace collapsed, at most ``limit`` characters)."""
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def get_reward_function(name: str) -> Callable[..., list]:
@@ -67,10 +51,10 @@ def get_reward_function(name: str) -> Callable[..., list]:
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise ValueError(f"cannot load reward function {name!r}: {describe_error(err)}") from None
+        raise ValueError(f"cannot load reward function {name!r}: {describe_exception(err)}") from None
     except Exception as err:  # a syntax error or an exception while the module runs
         raise ValueError(f"cannot load reward function {name!r}: importing module '{module_name}' failed with "
-                         f"{describe_error(err)}") from None
+                         f"{describe_exception(err)}") from None
     function = getattr(module, attr, None)
     if function is None:
         raise ValueError(f"cannot load reward function {name!r}: module '{module_name}' has no attribute '{attr}'")

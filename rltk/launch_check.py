@@ -25,7 +25,7 @@ from pathlib import Path
 import yaml
 
 from rltk.config import ConfigError, Recipe, load_recipe
-from rltk.memory import GIB, ModelShape, StepShape, step_working_set
+from rltk.memory import GIB, ModelShape, StepShape, bytes_per_value, step_working_set
 
 
 # the models the recipes use: their config.json sizes (context = max_position_embeddings)
@@ -223,10 +223,6 @@ def compute_dtype(recipe: Recipe, layout: LaunchLayout) -> str:
     return {"bf16": "bfloat16", "fp16": "float16"}.get(layout.mixed_precision, "float32")
 
 
-def _bytes_per_weight(dtype: str) -> int:
-    return 4 if dtype == "float32" else 2
-
-
 def model_state_bytes(recipe: Recipe, layout: LaunchLayout, world: int, params: float) -> dict[str, float]:
     """Weights, gradients and optimizer state per GPU (rltk/trainer/precision.py): float32 masters
     with float32 Adam moments (16 bytes/param) without DeepSpeed, bf16 weights and gradients plus a
@@ -235,7 +231,7 @@ def model_state_bytes(recipe: Recipe, layout: LaunchLayout, world: int, params: 
     m, stage, n = recipe.model, layout.zero_stage, world
     shard_w = n if stage == 3 else 1
     if m.lora is not None:
-        return {"weights": (0.5 if m.lora.load_in_4bit else _bytes_per_weight(m.dtype)) * params / shard_w}
+        return {"weights": (0.5 if m.lora.load_in_4bit else bytes_per_value(m.dtype)) * params / shard_w}
     if stage is None:
         b = 2 if m.pure_bf16 else 4
         return {"weights": b * params, "gradients": b * params, "optimizer": 2 * b * params}  # torch AdamW
@@ -274,9 +270,9 @@ def memory_estimate(recipe: Recipe, layout: LaunchLayout, world: int, shape: Mod
 
     a, teacher = recipe.algorithm, recipe.teacher
     if "ref_logps" in AlgorithmPipeline(a.advantage, a.loss, a.aggregation, a.terms).needs() and m.lora is None:
-        parts["reference model"] = _bytes_per_weight(m.dtype) * params / shard_w
+        parts["reference model"] = bytes_per_value(m.dtype) * params / shard_w
     if a.paced is not None and teacher.name_or_path in KNOWN_MODELS:
-        parts["teacher model"] = _bytes_per_weight(teacher.dtype) * KNOWN_MODELS[teacher.name_or_path].params / shard_w
+        parts["teacher model"] = bytes_per_value(teacher.dtype) * KNOWN_MODELS[teacher.name_or_path].params / shard_w
     parts.update(step_working_set(shape, _micro_batch(recipe, shape, layout, world)))
     return parts
 

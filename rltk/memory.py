@@ -87,8 +87,10 @@ class ModelShape:
             return None
 
 
-def _bytes(dtype: str) -> int:
-    return 4 if dtype in ("float32", "fp32", "no") else 2
+def bytes_per_value(dtype: str) -> int:
+    """Bytes of one value of a recipe dtype name: 4 for float32, 2 for bfloat16/float16 (and
+    ``auto``, which loads the checkpoints these recipes use in bf16)."""
+    return 4 if dtype == "float32" else 2
 
 
 def per_token_layer_values(shape: ModelShape) -> tuple[int, int]:
@@ -118,13 +120,13 @@ class StepShape:
 
 def activation_bytes(shape: ModelShape, step: StepShape) -> float:
     """What the forward keeps for the backward, whole micro-batch (see the module docstring)."""
-    b = _bytes(step.compute_dtype)
+    b = bytes_per_value(step.compute_dtype)
     tokens = step.rows * step.sequence
     norm, rest = per_token_layer_values(shape)
     layer = tokens * (4 * norm + b * rest)  # one decoder layer's activations
     if step.attn_implementation == "eager":
         layer += step.rows * shape.heads * step.sequence**2 * b
-    residual = tokens * shape.hidden * _bytes(step.weight_dtype)  # a layer's input: the weights' dtype
+    residual = tokens * shape.hidden * bytes_per_value(step.weight_dtype)  # a layer's input: the weights' dtype
     kept = residual * shape.layers + layer if step.gradient_checkpointing else layer * shape.layers
     if step.attn_implementation != "flash_attention_2":
         kept += step.rows * step.sequence**2  # the boolean padding mask, shared by the layers
@@ -134,14 +136,14 @@ def activation_bytes(shape: ModelShape, step: StepShape) -> float:
 def logprob_bytes(shape: ModelShape, step: StepShape) -> float:
     """The LM head's working set during the backward of the log-probs, plus the final hidden states
     and their gradient."""
-    b = _bytes(step.compute_dtype)
+    b = bytes_per_value(step.compute_dtype)
     positions = step.rows * step.completion
     final = 2 * positions * shape.hidden * 4
     if step.head_chunk == 0:
         return float(4 * positions * shape.vocab * 4 + final)
     chunk = min(step.head_chunk, positions)
     logits = chunk * shape.vocab * (4 + (b if b != 4 else 0))
-    weight_grad = 2 * shape.vocab * shape.hidden * _bytes(step.weight_dtype)  # its buffer and one matmul result
+    weight_grad = 2 * shape.vocab * shape.hidden * bytes_per_value(step.weight_dtype)  # its buffer and one matmul result
     return float(logits + weight_grad + final)
 
 

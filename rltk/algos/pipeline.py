@@ -14,6 +14,7 @@ from torch import Tensor
 from rltk.algos.importance import apply_importance_weights
 from rltk.algos.registry import Stage, StageError, get_stage, validate_params
 from rltk.algos.types import Advantages, LossOutput, Rollouts
+from rltk.describe import describe_exception, function_name
 
 
 @dataclass(frozen=True)
@@ -53,22 +54,6 @@ class StageCall:
             raise StageFailure(self.stage, str(exc), plain=True) from exc
         except Exception as exc:
             raise StageFailure(self.stage, f"raised {describe_exception(exc)}") from exc
-
-
-def function_name(fn: Any) -> str:
-    """``module.qualname`` of a function, class or callable object."""
-    target = fn if hasattr(fn, "__qualname__") else type(fn)
-    module = getattr(target, "__module__", None)
-    name = getattr(target, "__qualname__", repr(target))
-    return f"{module}.{name}" if module else name
-
-
-def describe_exception(exc: BaseException, limit: int = 300) -> str:
-    """``Type: message`` on one line (whitespace collapsed, at most ``limit`` characters)."""
-    text = " ".join(str(exc).split())
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 class StageFailure(StageError):

@@ -100,7 +100,6 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
 # ------------------------------------------------------------------ durability and verification
 
 
-
 def fsync_tree(root: Path, files: bool = True) -> None:
     """fsync every file (when ``files``) and every directory under ``root``."""
     if not root.is_dir():

@@ -55,10 +55,3 @@ def check_master_weights(model: torch.nn.Module, cfg: ModelConfig) -> None:
                           f"(e.g. {name}), so the optimizer would update them without float32 masters; "
                           "load them in float32 (rltk does unless the model code forces a dtype) or set "
                           "model.pure_bf16: true to train them so on purpose")
-
-
-def optimizer_state_dtypes(optimizer) -> set[torch.dtype]:
-    """The dtypes of the floating-point optimizer state tensors (Adam's moments) — float32 expected."""
-    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer
-    return {v.dtype for state in inner.state.values() for v in state.values()
-            if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0}

@@ -23,10 +23,11 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from rltk.algos.pipeline import AlgorithmPipeline, StageCall, StageFailure, describe_exception
+from rltk.algos.pipeline import AlgorithmPipeline, StageCall, StageFailure
 from rltk.algos.types import Advantages, Rollouts
 from rltk.config import ConfigError, Recipe
 from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
+from rltk.describe import describe_exception
 from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path

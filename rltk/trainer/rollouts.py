@@ -50,7 +50,8 @@ def combine_rewards(texts: list[str], columns: dict[str, list[Any]], verdicts, r
     completion, raises :class:`rewards.registry.RewardError`: one line naming the reward and its
     function (the trainer adds the step).
     """
-    from rewards.registry import RewardError, check_reward_values, describe_error
+    from rewards.registry import RewardError, check_reward_values
+    from rltk.describe import describe_exception
 
     total = torch.zeros(len(texts), dtype=torch.float32)
     missing = 0
@@ -61,7 +62,7 @@ def combine_rewards(texts: list[str], columns: dict[str, list[Any]], verdicts, r
             try:
                 values = fn(texts, **columns)
             except Exception as exc:
-                raise RewardError(name, fn, f"raised {describe_error(exc)}") from exc
+                raise RewardError(name, fn, f"raised {describe_exception(exc)}") from exc
             values = check_reward_values(name, fn, values, len(texts))
         missing += sum(v is None for v in values)
         total += weight * torch.tensor([0.0 if v is None else float(v) for v in values])

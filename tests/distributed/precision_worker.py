@@ -12,7 +12,7 @@ import torch
 
 from rltk.config import build_recipe
 from rltk.trainer.distributed import zero_stage
-from rltk.trainer.precision import optimizer_state_dtypes
+from rltk.trainer.guard import base_optimizer
 from rltk.trainer.rl import RLTrainer
 
 
@@ -38,8 +38,9 @@ def main(recipe_path: str, out_path: str) -> None:
         after = masters(trainer)
         changed = sum(int((a != b).sum()) for a, b in zip(after, before))
         total = sum(b.numel() for b in before)
-        inner = getattr(trainer.model, "optimizer", None)
-        state_dtypes = optimizer_state_dtypes(getattr(inner, "optimizer", None) or trainer.optimizer)
+        state = base_optimizer(trainer.optimizer).state  # torch AdamW's moments (under ZeRO, of its partitions)
+        state_dtypes = {v.dtype for s in state.values() for v in s.values()
+                        if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0}
         result = {"world": acc.num_processes, "zero_stage": zero_stage(acc), "mixed_precision": str(acc.mixed_precision),
                   "master_dtypes": sorted({str(m.dtype) for m in after}),
                   "state_dtypes": sorted(str(d) for d in state_dtypes),
