@@ -117,10 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from rltk.algos.registry import StageError
     from rltk.data.loaders import DataError
+    from rltk.trainer.distributed import shutdown_process_group
     from rltk.trainer.guard import TrainingError
 
+    completed = False
     try:
-        return _COMMANDS[args.command](args)
+        status = _COMMANDS[args.command](args)
+        completed = True
+        return status
     except (ConfigError, DataError, StageError, PermissionError, FileNotFoundError) as exc:
         print(f"rltk: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -130,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rltk: interrupted", file=sys.stderr)
         return 130
+    finally:
+        shutdown_process_group(completed)
 
 
 def _cmd_train(args) -> int:

@@ -110,3 +110,21 @@ def test_compare_variant_paths_name_run_directories_inside_the_comparison(tmp_pa
     with pytest.raises(ConfigError, match="two variants would share the run directory 'v'"):
         compare({}, [], [str(tmp_path / "a" / "v.yaml"), str(tmp_path / "b" / "v.yaml")], str(tmp_path / "cmp"))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_every_command_tears_the_process_group_down(tmp_path, monkeypatch):
+    """A command that succeeds or fails leaves no process group for interpreter finalization (where gloo's
+    threads can abort a rank that finished: "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    from rltk import cli
+    from rltk.config import ConfigError
+
+    def fail(args):
+        raise ConfigError("bad recipe")
+
+    for command, expected in ((lambda args: 0, 0), (fail, cli.EXIT_USAGE)):
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / f'store-{expected}'}", rank=0, world_size=1)
+        monkeypatch.setitem(cli._COMMANDS, "check", command)
+        assert cli.main(["check", str(tmp_path / "recipe.yaml")]) == expected
+        assert not dist.is_initialized()

@@ -192,3 +192,19 @@ def whole_model_loading(accelerator) -> Iterator[None]:
         yield
     finally:
         plugin.set_deepspeed_weakref()
+
+
+def shutdown_process_group(completed: bool) -> None:
+    """Tear the process group down before the interpreter does. Left to interpreter finalization,
+    gloo's worker threads can still hold work objects whose destruction needs the (gone) GIL, and a
+    rank aborts ("terminate called without an active exception") after a run that succeeded.
+    ``completed``: every rank reached the end, so they meet at a barrier first and none leaves while
+    another still talks to it; after an error only this process's group is destroyed (a barrier
+    there could wait forever on a rank that failed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if completed and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()

@@ -11,7 +11,7 @@ import sys
 import torch
 
 from rltk.config import build_recipe
-from rltk.trainer.distributed import zero_stage
+from rltk.trainer.distributed import shutdown_process_group, zero_stage
 from rltk.trainer.guard import base_optimizer
 from rltk.trainer.rl import RLTrainer
 
@@ -48,7 +48,7 @@ def main(recipe_path: str, out_path: str) -> None:
         if acc.is_main_process:
             with open(out_path, "w") as handle:
                 json.dump(result, handle)
-        acc.wait_for_everyone()
+        shutdown_process_group(completed=True)  # as the CLI does: no rank left to gloo's finalizer
     finally:
         trainer.close()
 

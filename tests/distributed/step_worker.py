@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from rltk.config import build_recipe
-from rltk.trainer.distributed import whole_shape, zero_stage
+from rltk.trainer.distributed import shutdown_process_group, whole_shape, zero_stage
 from rltk.trainer.rl import RLTrainer
 
 
@@ -62,7 +62,7 @@ def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | Non
         if acc.is_main_process:
             with open(out_path, "w") as handle:
                 json.dump(result, handle)
-        acc.wait_for_everyone()
+        shutdown_process_group(completed=True)  # as the CLI does: no rank left to gloo's finalizer
     finally:
         trainer.close()
 
