@@ -105,7 +105,7 @@ def rltk_recipe_data(args: argparse.Namespace, model_dir: str, out: Path) -> dic
 
 
 def run_rltk(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
-    from rltk.config import build_recipe
+    from rltk.validate import build_recipe
     from rltk.trainer.rl import RLTrainer
 
     trainer = RLTrainer(build_recipe(rltk_recipe_data(args, model_dir, work / "rltk")))
@@ -130,7 +130,7 @@ def trl_dataset(args: argparse.Namespace, model_dir: str, work: Path):
     """The same prompts (rltk's template) and gold answers, as a ``datasets.Dataset``."""
     from datasets import Dataset
 
-    from rltk.config import build_recipe
+    from rltk.validate import build_recipe
     from rltk.data.recipe import build_prompts, load_split
     from rltk.models import load_tokenizer
 

@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from rltk.config import ConfigError
+from rltk.schema import ConfigError
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cmd_train(args) -> int:
-    from rltk.config import load_recipe
+    from rltk.validate import load_recipe
     from rltk.workflows import train
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -151,7 +151,7 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_sft(args) -> int:
-    from rltk.config import load_recipe
+    from rltk.validate import load_recipe
     from rltk.workflows import sft_and_evaluate
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -192,7 +192,7 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from rltk.config import load_recipe_data
+    from rltk.schema import load_recipe_data
     from rltk.workflows import compare
 
     table, out = compare(load_recipe_data(args.recipe), args.overrides, args.variants.split(","), args.output_dir)
@@ -202,7 +202,7 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_quickstart(args) -> int:
-    from rltk.config import load_recipe
+    from rltk.validate import load_recipe
     from rltk.workflows import quickstart
 
     recipe = load_recipe(QUICKSTART_RECIPE, [f"trainer.output_dir={args.output_dir}", *args.overrides])
@@ -223,7 +223,7 @@ def _cmd_data(args) -> int:
 
 
 def _cmd_redi(args) -> int:
-    from rltk.config import load_recipe
+    from rltk.validate import load_recipe
     from rltk.trainer.redi import run_redi
 
     result = run_redi(load_recipe(args.recipe, args.overrides), evaluate=args.eval, overwrite=args.overwrite)

@@ -12,7 +12,7 @@ Any accelerate YAML is read (``distributed_type``, ``num_processes``, ``num_mach
 Model sizes and contexts come from a small table of the models the recipes use, a local
 ``config.json``, or the built-in tiny model; for other models those checks are skipped and the
 summary says so. The memory figure adds the model states (float32 masters and optimizer state:
-rltk/trainer/precision.py), the reference and teacher models, vLLM's reserved share, and one
+rltk/precision.py), the reference and teacher models, vLLM's reserved share, and one
 micro-batch's activations and log-prob working set (:mod:`rltk.memory`, validated on CPU within
 ±25%); fragmentation, CUDA context and communication buffers are not counted.
 """
@@ -24,7 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 import yaml
 
-from rltk.config import ConfigError, Recipe, load_recipe
+from rltk.schema import ConfigError, Recipe
+
+from rltk.validate import load_recipe
 from rltk.memory import GIB, ModelShape, StepShape, bytes_per_value, step_working_set
 
 
@@ -224,7 +226,7 @@ def compute_dtype(recipe: Recipe, layout: LaunchLayout) -> str:
 
 
 def model_state_bytes(recipe: Recipe, layout: LaunchLayout, world: int, params: float) -> dict[str, float]:
-    """Weights, gradients and optimizer state per GPU (rltk/trainer/precision.py): float32 masters
+    """Weights, gradients and optimizer state per GPU (rltk/precision.py): float32 masters
     with float32 Adam moments (16 bytes/param) without DeepSpeed, bf16 weights and gradients plus a
     sharded float32 master + moments (12 bytes/param) under DeepSpeed mixed precision; a LoRA base
     is frozen in ``model.dtype`` (adapters are not counted); ``pure_bf16`` keeps everything bf16."""
@@ -362,7 +364,7 @@ def check_recipe(recipe: Recipe, layout: LaunchLayout, *, explicit_processes: bo
     lines.append(_precision_line(recipe, layout))
     lines += _check_memory(recipe, layout, world, shape, gpu_memory_gb)
     if recipe.rollout.engine == "vllm":
-        from rltk.rollout.vllm import vllm_available
+        from rltk.engines.vllm import vllm_available
         from rltk.trainer.sampler_correction import correction_enabled
 
         i = recipe.rollout.importance_sampling

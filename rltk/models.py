@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rltk.config import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
+from rltk.schema import ConfigError, LoraConfig, ModelConfig, TinyModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def load_model(name_or_path: str, cfg: ModelConfig, *, trainable: bool = True):
     """A causal LM by id or path, with gradient checkpointing and LoRA. A trainable model's weights
     are float32 masters (``model.dtype`` is then the autocast compute dtype; bf16 only under
-    ``model.pure_bf16``; a frozen LoRA base keeps ``model.dtype``): rltk.trainer.precision. A frozen
+    ``model.pure_bf16``; a frozen LoRA base keeps ``model.dtype``): rltk.precision. A frozen
     model loads in ``model.dtype``."""
-    from rltk.trainer.precision import check_master_weights, trainable_load_dtype
+    from rltk.precision import check_master_weights, trainable_load_dtype
 
     dtype = trainable_load_dtype(cfg) if trainable else cfg.dtype
     kwargs = {"dtype": _DTYPES[dtype], "trust_remote_code": cfg.trust_remote_code}

@@ -9,7 +9,9 @@ from typing import Any
 
 import yaml
 
-from rltk.config import ConfigError, Recipe, build_recipe
+from rltk.schema import ConfigError, Recipe
+
+from rltk.validate import build_recipe
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,7 @@ def evaluate_model_sets(recipe: Recipe, model_path: str, out_dir: str | Path, *,
     from rltk.data.recipe import build_prompts, drop_long_prompts, heldout_description, load_test_split
     from rltk.eval.runner import EvalSettings, evaluate
     from rltk.models import load_model, load_tokenizer
-    from rltk.rollout.factory import make_engine, require_engine
+    from rltk.engines.factory import make_engine, require_engine
 
     e, d = recipe.eval, recipe.data
     chosen: list = [None]
@@ -105,7 +107,7 @@ def evaluate_model_sets(recipe: Recipe, model_path: str, out_dir: str | Path, *,
 
 def eval_recipe_from_args(args) -> Recipe:
     """The recipe ``rltk eval`` runs with: ``--recipe`` (or defaults) plus flags and overrides."""
-    from rltk.config import load_recipe_data
+    from rltk.schema import load_recipe_data
 
     data = load_recipe_data(args.recipe) if args.recipe else {}
     overrides = list(args.overrides)
@@ -166,7 +168,7 @@ def variant_data(base: dict[str, Any], variant: str) -> dict[str, Any]:
         data.setdefault("algorithm", {}).update(copy.deepcopy(VARIANTS[variant]))
         return data
     if Path(variant).is_file():
-        from rltk.config import load_recipe_data
+        from rltk.schema import load_recipe_data
 
         return load_recipe_data(variant)
     raise ConfigError(f"--variants: unknown variant '{variant}'; named variants: {', '.join(VARIANTS)}, "

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.answers import build_answer_batch, rationale
 from rltk.trainer.logprobs import TokenBatch, forward_logps
 from rltk.trainer.rl import RLTrainer

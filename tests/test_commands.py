@@ -70,7 +70,7 @@ def test_sft_then_train_then_compare(tmp_path, tiny_model_dir):
 
 
 def test_cached_warm_start_is_reused_only_for_the_same_settings(tmp_path, tiny_model_dir, caplog):
-    from rltk.config import build_recipe
+    from rltk.validate import build_recipe
     from rltk.trainer.sft import run_sft
 
     data = small_recipe_data(tiny_model_dir, tmp_path, sft={"enabled": True, "steps": 2, "batch_size": 4,
@@ -88,7 +88,7 @@ def test_cached_warm_start_is_reused_only_for_the_same_settings(tmp_path, tiny_m
 def test_tiny_model_is_rebuilt_when_its_settings_change(tmp_path):
     import json as _json
 
-    from rltk.config import TinyModelConfig
+    from rltk.schema import TinyModelConfig
     from rltk.models import build_tiny_model
 
     path = build_tiny_model(tmp_path / "tiny", TinyModelConfig(hidden_size=32, num_heads=2))
@@ -102,7 +102,7 @@ def test_compare_variant_paths_name_run_directories_inside_the_comparison(tmp_pa
     by the file's stem; two files with one stem are refused before anything runs."""
     import pytest
 
-    from rltk.config import ConfigError
+    from rltk.schema import ConfigError
     from rltk.workflows import compare, variant_name
 
     assert variant_name("nsr") == "nsr"
@@ -118,7 +118,7 @@ def test_every_command_tears_the_process_group_down(tmp_path, monkeypatch):
     import torch.distributed as dist
 
     from rltk import cli
-    from rltk.config import ConfigError
+    from rltk.schema import ConfigError
 
     def fail(args):
         raise ConfigError("bad recipe")

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rltk.config import ConfigError, apply_override, build_recipe, load_recipe
+from rltk.schema import ConfigError, apply_override
+
+from rltk.validate import build_recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "recipes" / "quickstart" / "grpo.yaml"
@@ -147,7 +149,7 @@ def test_paft_needs_whole_groups_per_micro_batch():
 
 
 def test_flatten_keys_and_tracker_config():
-    from rltk.config import flatten_keys
+    from rltk.schema import flatten_keys
     from rltk.trainer.metrics import _tracker_config
 
     nested = {"trainer": {"lr": 1e-6, "adam_betas": [0.9, 0.99]}, "teacher": {"name_or_path": None}, "seed": 0,
@@ -196,7 +198,7 @@ def test_non_finite_out_of_range_and_limits_are_one_line(overrides, message):
 def test_limits_and_seed_bounds_are_inclusive():
     import time
 
-    from rltk.config import MAX_SEED, SIZE_LIMITS
+    from rltk.validate import MAX_SEED, SIZE_LIMITS
 
     start = time.perf_counter()
     recipe = build_recipe({}, [f"trainer.prompts_per_step={SIZE_LIMITS['trainer.prompts_per_step']}",

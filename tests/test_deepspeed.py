@@ -190,7 +190,7 @@ def test_deepspeed_paced_two_processes_match_one(tmp_path, tiny_model_dir, deeps
     chunked KL's forward and backward. The step (policy loss + PACED, Σw over both ranks) equals
     the 1-process step. Under LoRA the privileged teacher is the student with its adapter on and
     the (frozen) LM head gets no gradient."""
-    from rltk.config import TinyModelConfig
+    from rltk.schema import TinyModelConfig
     from rltk.models import build_tiny_model
 
     if privileged:

@@ -45,7 +45,7 @@ def test_ddp_two_processes_match_one(tmp_path, tiny_model_dir, aggregation):
 @pytest.mark.distributed
 def test_ddp_paced_two_processes_match_one(tmp_path, tiny_model_dir):
     """PACED's Σw is the step's over both ranks (here 0.4375 on rank 0 and 0.1875 on rank 1)."""
-    from rltk.config import TinyModelConfig
+    from rltk.schema import TinyModelConfig
     from rltk.models import build_tiny_model
 
     teacher = build_tiny_model(tmp_path / "teacher", TinyModelConfig(hidden_size=64, num_heads=2, seed=1))

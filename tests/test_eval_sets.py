@@ -6,7 +6,9 @@ import json
 
 import pytest
 
-from rltk.config import ConfigError, build_recipe
+from rltk.schema import ConfigError
+
+from rltk.validate import build_recipe
 from tests.conftest import small_recipe_data
 
 

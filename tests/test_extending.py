@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from rltk.algos import Advantages, AlgorithmPipeline, Rollouts
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from tests.conftest import small_recipe_data
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"

@@ -19,7 +19,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rltk.config import ConfigError, DataConfig, build_recipe
+from rltk.schema import ConfigError, DataConfig
+
+from rltk.validate import build_recipe
 from rltk.data import heldout
 from rltk.data.heldout import carve, heldout_kind, plan_heldout, question_key
 from rltk.data.loaders import DataError, Example, named_split_files, split_files, unknown_split

@@ -10,7 +10,7 @@ import torch
 from rltk.algos.importance import apply_importance_weights, importance_weights
 from rltk.algos.pipeline import AlgorithmPipeline
 from rltk.algos.types import Advantages, Rollouts
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.sampler_correction import SamplerCorrection, correction_enabled
 
 # diff = old - sampling = [[0.5, -1.0, 0.0], [1.5, 0.0, (pad)]]
@@ -107,7 +107,7 @@ def test_defaults_on_with_vllm_off_with_hf_and_overridable():
     ("rollout.importance_sampling.mode=clip", "rollout.importance_sampling.mode: 'clip' is not one of"),
 ])
 def test_bad_importance_sampling_config_is_one_line(override, message):
-    from rltk.config import ConfigError
+    from rltk.schema import ConfigError
 
     with pytest.raises(ConfigError) as info:
         build_recipe({}, [override])

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from rltk.config import ConfigError, build_recipe, load_recipe
+from rltk.schema import ConfigError
+
+from rltk.validate import build_recipe, load_recipe
 from rltk.launch_check import check_recipe, check_recipe_file, intended_launch, read_launch_config
 
 ROOT = Path(__file__).resolve().parents[1]

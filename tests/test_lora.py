@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rltk.config import ConfigError, build_recipe
+from rltk.schema import ConfigError
+
+from rltk.validate import build_recipe
 from tests.conftest import small_recipe_data
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]}

@@ -10,7 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rltk.config import ConfigError, TinyModelConfig, build_recipe
+from rltk.schema import ConfigError, TinyModelConfig
+
+from rltk.validate import build_recipe
 from rltk.trainer.rl import RLTrainer
 from tests.conftest import small_recipe_data
 

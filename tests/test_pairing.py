@@ -7,7 +7,7 @@ import pytest
 
 from rltk.algos.pairing import PairingSampler, ProbeContext
 from rltk.algos.registry import StageError
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from tests.conftest import small_recipe_data
 
 G = 8
@@ -82,7 +82,7 @@ def test_pool_patterns(tmp_path):
 
 
 def test_weighted_grpo_needs_the_pairing_sampler(tmp_path, tiny_model_dir):
-    from rltk.config import ConfigError
+    from rltk.schema import ConfigError
 
     data = small_recipe_data(tiny_model_dir, tmp_path, algorithm={"advantage": [{"name": "weighted_grpo"}]})
     with pytest.raises(ConfigError, match="need per-group roles, which the 'uniform' sampler does not provide"):

@@ -1,4 +1,4 @@
-"""Training precision (rltk/trainer/precision.py): a bf16-declared recipe trains float32 master
+"""Training precision (rltk/precision.py): a bf16-declared recipe trains float32 master
 weights with float32 optimizer state under bf16 autocast — on 1 process, DDP and ZeRO-2 — so an
 update at lr 1e-6 moves the weights; pure bf16 exists only as ``model.pure_bf16`` and leaves most
 of them unchanged (which is why it is not the default)."""
@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rltk.config import ConfigError, build_recipe
+from rltk.schema import ConfigError
+
+from rltk.validate import build_recipe
 from tests.conftest import launch_with_free_port, small_recipe_data
 from tests.test_deepspeed import cpu_config, launch_deepspeed
 
@@ -76,7 +78,7 @@ def test_pure_bf16_needs_a_bf16_dtype(tiny_model_dir, tmp_path):
 
 
 def test_trainable_weights_load_float32_frozen_ones_in_the_recipe_dtype(tiny_model_dir):
-    from rltk.config import LoraConfig, ModelConfig
+    from rltk.schema import LoraConfig, ModelConfig
     from rltk.models import load_model
 
     cfg = ModelConfig(name_or_path=tiny_model_dir, dtype="bfloat16")
@@ -91,8 +93,8 @@ def test_trainable_weights_load_float32_frozen_ones_in_the_recipe_dtype(tiny_mod
 
 
 def test_bf16_trainable_weights_without_the_switch_are_refused(tiny_model_dir):
-    from rltk.config import ModelConfig
-    from rltk.trainer.precision import check_master_weights
+    from rltk.schema import ModelConfig
+    from rltk.precision import check_master_weights
 
     model = torch.nn.Linear(2, 2).to(torch.bfloat16)
     with pytest.raises(ConfigError, match="pure_bf16"):

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from rltk.algos.pipeline import AlgorithmPipeline
-from rltk.config import Recipe, build_recipe, load_recipe, load_recipe_data
+from rltk.schema import Recipe, load_recipe_data
+from rltk.validate import build_recipe, load_recipe
 from rltk.workflows import variant_data
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,8 @@ import torch
 
 from rltk.algos.distill import redi_loss
 from rltk.cli import main
-from rltk.config import build_recipe, load_recipe, load_recipe_data
+from rltk.schema import load_recipe_data
+from rltk.validate import build_recipe, load_recipe
 from rltk.data.loaders import DataError
 from rltk.data.pairs import build_pairs, make_pairs, read_traces
 from rltk.trainer.logprobs import forward_logps

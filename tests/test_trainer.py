@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.checkpoint import latest_checkpoint, list_checkpoints
 from rltk.trainer.rl import RLTrainer, TrainingError
 from rltk.workflows import VARIANTS, train, variant_data

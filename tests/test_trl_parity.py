@@ -52,9 +52,9 @@ import pytest
 import torch
 
 from rltk.algos.types import Advantages, Rollouts
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.logprobs import TokenBatch, forward_logps
-from rltk.trainer.rollouts import RolloutBatch
+from rltk.trainer.batch import RolloutBatch
 from tests.conftest import small_recipe_data
 
 trl = pytest.importorskip("trl")

@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-import rltk.rollout.vllm as vllm_mod
-from rltk.config import build_recipe
-from rltk.rollout.base import SamplingParams
-from rltk.rollout.vllm import MISSING_VLLM, VLLMEngine, generation_kwargs, vllm_available
+import rltk.engines.vllm as vllm_mod
+from rltk.validate import build_recipe
+from rltk.engines.base import SamplingParams
+from rltk.engines.vllm import MISSING_VLLM, VLLMEngine, generation_kwargs, vllm_available
 from tests.conftest import small_recipe_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,7 +114,7 @@ def test_create_passes_the_unwrapped_model_accelerator_and_tokenizer(tiny_model_
     from accelerate import Accelerator
 
     from rltk.models import load_model
-    from rltk.rollout.factory import make_engine
+    from rltk.engines.factory import make_engine
 
     recipe = _recipe(tiny_model_dir, tmp_path)
     model, tok, acc = load_model(tiny_model_dir, recipe.model), _tokenizer(tiny_model_dir), Accelerator(cpu=True)
@@ -360,7 +360,7 @@ def test_missing_vllm_fails_before_any_model_loads(tmp_path, command):
 
 
 def test_missing_vllm_in_library_calls_is_a_config_error(tmp_path, monkeypatch):
-    from rltk.config import ConfigError
+    from rltk.schema import ConfigError
     from rltk.trainer.rl import RLTrainer
 
     monkeypatch.setattr(vllm_mod, "vllm_available", lambda: False)
@@ -393,7 +393,7 @@ def test_eval_n1024_on_the_vllm_engine_gives_the_hf_report_form(tiny_model_dir, 
     from rewards.math import MathVerifier
     from rltk.eval.runner import EvalSettings, evaluate
     from rltk.models import load_model
-    from rltk.rollout.hf import HFEngine
+    from rltk.engines.hf import HFEngine
 
     tok, examples, prompts = _eval_inputs(tiny_model_dir, tmp_path)
     ids = [tuple(tok(p, add_special_tokens=False)["input_ids"]) for p in prompts]

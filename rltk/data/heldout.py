@@ -43,7 +43,7 @@ from rltk.data.loaders import (
 )
 
 if TYPE_CHECKING:
-    from rltk.config import DataConfig
+    from rltk.schema import DataConfig
 
 __all__ = ["Carve", "HeldOut", "carve", "carve_for", "heldout_kind", "heldout_size", "oversized_heldout",
            "plan_heldout", "question_key", "same_source"]

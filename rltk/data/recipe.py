@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from rltk.config import ConfigError, DataConfig
+from rltk.schema import ConfigError, DataConfig
 from rltk.data.heldout import carve_for, plan_heldout, question_key, same_source
 from rltk.data.loaders import DataError, Example, load_examples
 from rltk.data.templates import format_prompt

@@ -19,7 +19,7 @@ from rltk.data.loaders import Example
 from rltk.eval.metrics import default_ks, summarize
 from rltk.eval.report import write_report
 from rltk.io import atomic_write_text
-from rltk.rollout.base import SamplingParams, rank_shard
+from rltk.engines.base import SamplingParams, rank_shard
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from rewards.extract import last_outer_box
-from rltk.rollout.base import pad_right
+from rltk.engines.base import pad_right
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 
 

@@ -304,7 +304,7 @@ def push_to_hub(checkpoint: Path, repo_id: str) -> None:
     """Upload a checkpoint's ``model/`` (and ``adapter/`` under LoRA, as a sub-folder) to the Hub."""
     from huggingface_hub import HfApi
 
-    from rltk.config import ConfigError
+    from rltk.schema import ConfigError
 
     api = HfApi()
     try:

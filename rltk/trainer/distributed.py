@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from rltk.config import ConfigError
+from rltk.schema import ConfigError
 
 
 def accelerator_handlers() -> list:

@@ -8,7 +8,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from rltk.config import flatten_keys
+from rltk.schema import flatten_keys
 
 
 class MetricsLog:

@@ -21,7 +21,7 @@ from torch import Tensor
 from rltk.algos.chunked_kl import linear_kl
 from rltk.algos.distill import paced_schedule, paced_weights
 from rltk.algos.types import Rollouts
-from rltk.config import PacedConfig, Recipe
+from rltk.schema import PacedConfig, Recipe
 from rltk.trainer.distributed import gathered
 from rltk.trainer.logprobs import TokenBatch
 from rltk.trainer.teacher import Teacher, shared_vocabulary

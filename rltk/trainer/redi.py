@@ -42,7 +42,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from rltk.algos.distill import normalized_logp, redi_loss, redi_unpaired_loss
-from rltk.config import ConfigError, Recipe
+from rltk.schema import ConfigError, Recipe
 from rltk.data.loaders import DataError
 from rltk.data.pairs import read_rows
 from rltk.io import atomic_write_json, check_writable
@@ -50,7 +50,7 @@ from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.trainer.distributed import accelerator_handlers, configure_deepspeed, micro_batch_sync
 from rltk.trainer.guard import NonFiniteGuard, check_saveable
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
-from rltk.trainer.precision import compute_dtype, mixed_precision
+from rltk.precision import compute_dtype, mixed_precision
 from rltk.trainer.run_dir import RunDir, claim, output_dir, subdir
 
 log = logging.getLogger(__name__)

@@ -25,14 +25,14 @@ from accelerate.utils import set_seed
 
 from rltk.algos.pipeline import AlgorithmPipeline, StageCall, StageFailure
 from rltk.algos.types import Advantages, Rollouts
-from rltk.config import ConfigError, Recipe
+from rltk.schema import ConfigError, Recipe
 from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
 from rltk.describe import describe_exception
 from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path
-from rltk.rollout.base import SamplingParams, rank_shard
-from rltk.rollout.factory import make_engine, require_engine
+from rltk.engines.base import SamplingParams, rank_shard
+from rltk.engines.factory import make_engine, require_engine
 from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.checkpoint import choose_checkpoint, has_manifest, push_to_hub, save_checkpoint, set_damaged_aside
 from rltk.trainer.distributed import (accelerator_handlers, attach_generation, configure_deepspeed,
@@ -41,8 +41,8 @@ from rltk.trainer.guard import NonFiniteGuard, TrainingError, check_saveable  # 
 from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
 from rltk.trainer.metrics import MetricsLog, progress_bar
 from rltk.trainer.paced import make_paced
-from rltk.trainer.precision import compute_dtype, mixed_precision
-from rltk.trainer.rollouts import RolloutBatch, add_requested_forwards, combine_rewards
+from rltk.precision import compute_dtype, mixed_precision
+from rltk.trainer.batch import RolloutBatch, add_requested_forwards, combine_rewards
 from rltk.trainer.run_dir import RunDir, claim, output_dir
 from rltk.trainer.sampler_correction import SamplerCorrection
 
@@ -252,7 +252,7 @@ class RLTrainer:
     def probe(self, indices: list[int]) -> list[int]:
         """Correct completions out of ``group_size`` samples of the current policy per prompt
         (for samplers that select prompts by success rate). Sharded over processes (padded equally
-        for a collective engine: :func:`rltk.rollout.base.rank_shard`); seeded in a forked RNG so
+        for a collective engine: :func:`rltk.engines.base.rank_shard`); seeded in a forked RNG so
         probing never shifts the training run's random stream."""
         r, acc = self.recipe.rollout, self.accelerator
         shard, padding = rank_shard(self.engine, indices, acc.process_index, acc.num_processes)

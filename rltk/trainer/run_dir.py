@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rltk.config import ConfigError, Recipe, flatten_keys
+from rltk.schema import ConfigError, Recipe, flatten_keys
 from rltk.io import fsync_dir
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from dataclasses import replace
 
 from rltk.algos.importance import importance_weights
 from rltk.algos.types import Rollouts
-from rltk.config import RolloutConfig
+from rltk.schema import RolloutConfig
 
 
 def correction_enabled(cfg: RolloutConfig) -> bool:

@@ -18,7 +18,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from rltk.config import ConfigError, Recipe, flatten_keys
+from rltk.schema import ConfigError, Recipe, flatten_keys
 from rltk.data.recipe import build_prompts, load_split
 from rltk.io import atomic_write_json, check_writable
 from rltk.models import load_model, load_tokenizer, resolve_model_path

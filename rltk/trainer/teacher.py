@@ -14,9 +14,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from rltk.config import ConfigError, ModelConfig, TeacherConfig
+from rltk.schema import ConfigError, ModelConfig, TeacherConfig
 from rltk.data.loaders import Example
-from rltk.rollout.base import pad_left
+from rltk.engines.base import pad_left
 from rltk.trainer.distributed import prepare_frozen, whole_shape
 from rltk.trainer.logprobs import FinalHidden, TokenBatch
 

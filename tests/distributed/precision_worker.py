@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.distributed import shutdown_process_group, zero_stage
 from rltk.trainer.guard import base_optimizer
 from rltk.trainer.rl import RLTrainer

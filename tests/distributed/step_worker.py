@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.distributed import shutdown_process_group, whole_shape, zero_stage
 from rltk.trainer.rl import RLTrainer
 

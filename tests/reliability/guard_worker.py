@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.guard import TrainingError, base_optimizer
 from rltk.trainer.rl import RLTrainer
 

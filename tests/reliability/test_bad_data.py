@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rltk.config import DataConfig
+from rltk.schema import DataConfig
 from rltk.data.loaders import DataError, Example, load_examples, load_examples_with_stats
 from rltk.data.recipe import build_prompts, drop_long_prompts
 from rltk.data.synthetic import CHARSET

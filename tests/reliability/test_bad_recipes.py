@@ -7,7 +7,7 @@ skips a case about a missing package where that package is installed. Every file
 ``rltk.cli.main(["train", path])`` (cheap), and a sample also as ``python -m rltk train`` in a
 subprocess (the real entry point: exit status, stderr, imports; ~3 s of imports each).
 
-Every case fails in ``rltk.config.validate``, before anything loads. Recipes that would reach the
+Every case fails in ``rltk.validate``, before anything loads. Recipes that would reach the
 trainer carry small sizes, so a check that is missed costs seconds, never a training run.
 """
 from __future__ import annotations

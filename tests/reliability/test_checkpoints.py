@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer import checkpoint as ck
 from rltk.trainer.checkpoint import list_checkpoints, verify_checkpoint
 from rltk.workflows import train

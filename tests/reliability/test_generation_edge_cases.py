@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from rltk.config import build_recipe
-from rltk.rollout.base import Generation, completion_mask_from_ids, pad_left, pad_right
+from rltk.validate import build_recipe
+from rltk.engines.base import Generation, completion_mask_from_ids, pad_left, pad_right
 from rltk.trainer.rl import RLTrainer
 from tests.conftest import small_recipe_data
 

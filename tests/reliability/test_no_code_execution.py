@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 BUILTINS = {"eval", "exec", "compile", "__import__"}  # called by bare name (model.eval() is fine)

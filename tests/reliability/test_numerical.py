@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.rl import RLTrainer, TrainingError
 from tests.conftest import small_recipe_data
 

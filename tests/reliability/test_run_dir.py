@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from rltk.cli import main
-from rltk.config import ConfigError, Recipe, build_recipe
+from rltk.schema import ConfigError, Recipe
+from rltk.validate import build_recipe
 from rltk.trainer import run_dir as rd
 from rltk.trainer.checkpoint import _prune, list_checkpoints
 from tests.conftest import small_recipe_data

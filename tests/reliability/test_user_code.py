@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from rltk.cli import main
-from rltk.config import build_recipe
+from rltk.validate import build_recipe
 from rltk.trainer.rl import RLTrainer, TrainingError
 from tests import broken_user_code
 from tests.conftest import small_recipe_data

@@ -3,26 +3,26 @@ from __future__ import annotations
 
 from typing import Callable
 
-from rltk.config import ConfigError, ModelConfig, RolloutConfig
-from rltk.rollout.hf import HFEngine
+from rltk.schema import ConfigError, ModelConfig, RolloutConfig
+from rltk.engines.hf import HFEngine
 
 
 def require_engine(cfg: RolloutConfig) -> None:
     """Fail with one line when the engine's extra is not installed; call before loading any model."""
     if cfg.engine == "vllm":
-        from rltk.rollout.vllm import require_vllm
+        from rltk.engines.vllm import require_vllm
 
         require_vllm()
 
 
 def make_engine(cfg: RolloutConfig, get_model: Callable, tokenizer, max_prompt_length: int | None = None, *,
                 accelerator=None, model_cfg: ModelConfig | None = None, max_new_tokens: int | None = None):
-    """``hf`` runs anywhere; ``vllm`` needs the ``vllm`` extra on a CUDA machine (rltk.rollout.vllm).
+    """``hf`` runs anywhere; ``vllm`` needs the ``vllm`` extra on a CUDA machine (rltk.engines.vllm).
 
     ``max_new_tokens`` is the longest generation the run will ask for (sizes vLLM's context)."""
     if cfg.engine == "hf":
         return HFEngine(get_model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length)
-    from rltk.rollout.vllm import VLLMEngine
+    from rltk.engines.vllm import VLLMEngine
 
     return VLLMEngine.create(cfg, get_model, tokenizer, accelerator=accelerator, max_prompt_length=max_prompt_length,
                              max_new_tokens=max_new_tokens, model_cfg=model_cfg)

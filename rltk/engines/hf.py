@@ -10,7 +10,7 @@ from typing import Callable, ContextManager
 
 import torch
 
-from rltk.rollout.base import Generation, SamplingParams, completion_mask_from_ids, pad_left, pad_right
+from rltk.engines.base import Generation, SamplingParams, completion_mask_from_ids, pad_left, pad_right
 
 
 class HFEngine:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from rltk.config import ConfigError, ModelConfig
+from rltk.schema import ConfigError, ModelConfig
 
 _MIXED = {"bfloat16": "bf16", "float16": "fp16"}
 _AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}

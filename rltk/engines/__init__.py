@@ -1,4 +1,4 @@
 """Rollout engines behind one interface: ``hf`` (transformers) and ``vllm`` (GPU, lazily imported)."""
-from rltk.rollout.base import Generation, RolloutEngine, SamplingParams
+from rltk.engines.base import Generation, RolloutEngine, SamplingParams
 
 __all__ = ["Generation", "RolloutEngine", "SamplingParams"]

@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 import torch
 
-from rltk.config import ConfigError, ModelConfig, RolloutConfig
-from rltk.rollout.base import Generation, SamplingParams, pad_left, pad_right
+from rltk.schema import ConfigError, ModelConfig, RolloutConfig
+from rltk.engines.base import Generation, SamplingParams, pad_left, pad_right
 
 MISSING_VLLM = ("rollout.engine=vllm needs vLLM, which is not installed: pip install 'rltk[vllm]' "
                 "(CUDA machines only); or use rollout.engine=hf")
