@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -57,3 +58,40 @@ def fsync_dir(path: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def fsync_tree(root: str | Path, files: bool = True) -> None:
+    """fsync every file (when ``files``) and every directory under ``root``."""
+    if not Path(root).is_dir():
+        return
+    for dirpath, _, filenames in os.walk(root):
+        if files:
+            for name in filenames:
+                try:
+                    fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        fsync_dir(dirpath)
+
+
+def replace_dir(tmp: str | Path, final: str | Path, *, sync: bool = True) -> None:
+    """Put the complete directory ``tmp`` in place as ``final`` (a sibling: same filesystem), so
+    that ``final`` only ever names a whole directory, the old one or the new one.
+
+    With ``sync`` every file and directory under ``tmp`` is fsynced first (pass False when the
+    caller already has). An existing ``final`` is renamed aside to ``.<name>.old`` and deleted only
+    once ``tmp`` holds its name; the parent directory is fsynced after the renames."""
+    tmp, final = Path(tmp), Path(final)
+    if sync:
+        fsync_tree(tmp)
+    old = final.with_name(f".{final.name}.old")
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rltk.io import atomic_write_json, fsync_dir
+from rltk.io import atomic_write_json, fsync_dir, fsync_tree, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -85,38 +85,13 @@ def save_checkpoint(accelerator, model, tokenizer, output_dir: str | Path, step:
         fsync_tree(tmp, files=False)
         atomic_write_json(tmp / "trainer.json", {"step": step, **trainer_state, "run_id": run_id,
                                                  "manifest": manifest})
-        old = root / f".old-step-{step:06d}"
-        if final.exists():  # the same step saved again: swap, so a whole checkpoint exists throughout
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        fsync_dir(root)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final, sync=False)  # files synced above; the same step saved again is swapped whole
         _prune(root, keep, run_id)
     accelerator.wait_for_everyone()
     return final
 
 
 # ------------------------------------------------------------------ durability and verification
-
-
-def fsync_tree(root: Path, files: bool = True) -> None:
-    """fsync every file (when ``files``) and every directory under ``root``."""
-    if not root.is_dir():
-        return
-    for dirpath, _, filenames in os.walk(root):
-        if files:
-            for name in filenames:
-                path = os.path.join(dirpath, name)
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError:
-                    continue
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-        fsync_dir(Path(dirpath))
 
 
 def _digest(path: Path, sync: bool = False) -> tuple[int, str]:

@@ -2,25 +2,24 @@
 
 The completion is the example's worked solution (or ``\\boxed{answer}`` when a dataset has none)
 followed by EOS; the loss is on completion tokens only. The result is an HF directory at
-``<trainer.output_dir>/<sft.output_subdir>``, written to a temporary directory and renamed, and
-reused when it already exists (so ``rltk compare`` warm-starts every variant from one model).
-``sft.output_subdir`` must name a subdirectory strictly inside the run directory
-(:func:`rltk.trainer.run_dir.subdir`), and a directory there that rltk's SFT did not write is never
-replaced.
+``<trainer.output_dir>/<sft.output_subdir>``, written to a temporary directory, fsynced and renamed
+(an earlier one is replaced whole: :func:`rltk.io.replace_dir`), and reused when it already exists
+(so ``rltk compare`` warm-starts every variant from one model). ``sft.output_subdir`` must name a
+subdirectory strictly inside the run directory (:func:`rltk.trainer.run_dir.subdir`), and a
+directory there that rltk's SFT did not write is never replaced.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from rltk.schema import ConfigError, Recipe, flatten_keys
 from rltk.data.recipe import build_prompts, load_split
-from rltk.io import atomic_write_json, check_writable
+from rltk.io import atomic_write_json, check_writable, replace_dir
 from rltk.models import load_model, load_tokenizer, resolve_model_path
 from rltk.trainer.run_dir import output_dir, subdir
 
@@ -105,9 +104,7 @@ def run_sft(recipe: Recipe, *, force: bool = False) -> Path:
         trainer.model.save_pretrained(work / "model")
         tokenizer.save_pretrained(work / "model")
         atomic_write_json(work / "model" / "rltk_sft.json", fingerprint)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work / "model", out)
+        replace_dir(work / "model", out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
