@@ -224,7 +224,7 @@ def _cmd_data(args) -> int:
 
 def _cmd_redi(args) -> int:
     from rltk.validate import load_recipe
-    from rltk.trainer.redi import run_redi
+    from rltk.workflows import run_redi
 
     result = run_redi(load_recipe(args.recipe, args.overrides), evaluate=args.eval, overwrite=args.overwrite)
     if "steps" in result:

@@ -328,3 +328,119 @@ def _algo_name(recipe: Recipe) -> str:
 
 def dump_recipe(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------- REDI
+
+
+def run_redi(recipe: Recipe, *, evaluate: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """``rltk redi`` (docs/algorithms/redi.md): stage 1 (the SFT warm start, when ``sft.enabled``, on
+    the recipe's data or on ``redi.sft_data``), stage 2 (:class:`rltk.trainer.redi.RediTrainer`,
+    when ``redi.data``), then optionally the held-out pass@k of the start and final models. Returns
+    paths, counts and (with ``evaluate``) the pass@k table; ``<output_dir>/redi_result.json`` holds
+    the same. ``overwrite`` moves a run already in ``trainer.output_dir`` aside."""
+    from accelerate import PartialState
+
+    from rltk.data.redi import read_redi_table
+    from rltk.io import atomic_write_json
+    from rltk.models import resolve_model_path
+    from rltk.trainer.redi import RediTrainer
+    from rltk.trainer.run_dir import check_recipe_paths, claim, output_dir
+    from rltk.trainer.sft import run_sft
+
+    cfg = recipe.redi
+    check_recipe_paths(recipe)  # both stages' directories, before anything is read or written
+    _check_scheduler(cfg.lr_scheduler)
+    if cfg.data is None and not recipe.sft.enabled:
+        raise ConfigError("redi.data: not set and sft.enabled is false, so there is nothing to train; point "
+                          "redi.data at a pairs file (`rltk data pairs`) or enable stage 1")
+    if cfg.sft_data and not recipe.sft.enabled:
+        log.warning("sft.enabled is false: stage 1 is skipped and redi.sft_data unused")
+    elif cfg.sft_data:
+        _check_source("redi.sft_data", cfg.sft_data)
+    table = read_redi_table(cfg.data) if cfg.data else None  # bad data fails before stage 1
+    run = claim(recipe, "redi", overwrite=overwrite, resumable=False)  # before stage 1 writes anything
+    out = output_dir(recipe)
+    result: dict[str, Any] = {}
+    if recipe.sft.enabled:
+        start = time.perf_counter()
+        result["sft_dir"] = start_model = str(run_sft(sft_recipe(recipe)))
+        result["sft_seconds"] = time.perf_counter() - start
+    else:
+        start_model = resolve_model_path(recipe.model, out)
+    result["start_model"] = start_model
+    result["model_dir"] = start_model
+    if table is not None:
+        result.update(RediTrainer(recipe, start_model, table, run=run).train())
+    run.start()  # (stage 1 only: the identity goes with the result)
+    if evaluate:
+        result["table"] = _evaluate_redi(recipe, result, out, with_start=table is not None)
+    if PartialState().is_main_process:
+        atomic_write_json(out / "redi_result.json", result)
+    return result
+
+
+def sft_recipe(recipe: Recipe) -> Recipe:
+    """The recipe REDI's stage 1 runs with: ``redi.sft_data`` (prompt/completion rows) in place of
+    the data section when set, and ``sft.steps`` from ``redi.sft_epochs`` when set."""
+    import math
+    import os
+
+    from rltk.data.recipe import load_split
+
+    r = copy.deepcopy(recipe)
+    if recipe.redi.sft_data:
+        d = r.data
+        d.source, d.subset, d.train_split = recipe.redi.sft_data, None, "train"
+        d.eval_source = recipe.data.eval_source or recipe.data.source  # the recipe's held-out set: none carved from the traces
+        d.prompt_field, d.answer_field, d.solution_field = "prompt", "completion", "completion"
+        d.extract_boxed_answer = False
+        if not recipe.redi.format_prompts:  # prompts as written (run_sft appends the EOS to completions)
+            d.template, d.chat_template, d.system_prompt = "{question}", False, None
+        r.sft.num_examples = None  # every row of the file
+    if recipe.redi.sft_epochs:
+        rows = len(load_split(r.data, r.data.train_split, r.sft.num_examples, seed=r.trainer.seed))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        r.sft.steps = max(1, math.ceil(recipe.redi.sft_epochs * rows / (r.sft.batch_size * world)))
+        log.info("stage 1: %g epochs over %d examples = %d steps of %d", recipe.redi.sft_epochs, rows, r.sft.steps,
+                 r.sft.batch_size * world)
+    return r
+
+
+def _check_source(key: str, source: str) -> None:
+    """Fail before any training when a local data file named in the recipe is missing."""
+    from rltk.data.loaders import DataError
+
+    path = Path(source)
+    if path.suffix in (".jsonl", ".json", ".parquet") and not path.exists():
+        raise DataError(f"{key}: file not found: {source}")
+
+
+def _check_scheduler(name: str) -> None:
+    from transformers.trainer_utils import SchedulerType
+
+    try:
+        SchedulerType(name)
+    except ValueError:
+        names = ", ".join(s.value for s in SchedulerType)
+        raise ConfigError(f"redi.lr_scheduler: unknown scheduler '{name}'; use one of {names}") from None
+
+
+def _evaluate_redi(recipe: Recipe, result: dict[str, Any], out: Path, *, with_start: bool) -> str:
+    """pass@k of the start model (SFT or base) and the final model; ``<output_dir>/report``."""
+    from accelerate import PartialState
+
+    from rltk.eval.report import write_comparison
+
+    start_name = "SFT (stage 1)" if "sft_dir" in result else "start"
+    reports = {}
+    if with_start:
+        reports[start_name] = evaluate_model(recipe, result["start_model"], out / "eval" / "start")
+        reports["SFT + REDI" if "sft_dir" in result else "REDI"] = evaluate_model(recipe, result["model_dir"],
+                                                                                  out / "eval" / "redi")
+    else:
+        reports[start_name] = evaluate_model(recipe, result["model_dir"], out / "eval" / "start")
+    result["eval"] = {name: r["summary"] for name, r in reports.items()}
+    if not PartialState().is_main_process:
+        return ""
+    return write_comparison(out / "report", reports, f"REDI, held-out pass@k (seed {recipe.trainer.seed})")

@@ -19,7 +19,8 @@ from rltk.validate import build_recipe, load_recipe
 from rltk.data.loaders import DataError
 from rltk.data.pairs import build_pairs, make_pairs, read_traces
 from rltk.trainer.logprobs import forward_logps
-from rltk.trainer.redi import PAIRED, UNPAIRED, RediTrainer, collate, read_redi_table
+from rltk.data.redi import PAIRED, UNPAIRED, read_redi_table
+from rltk.trainer.redi import RediTrainer, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -339,7 +340,7 @@ def test_paper_recipes_carry_the_papers_settings():
 
 
 def test_stage_one_reads_sft_data_as_written_for_sft_epochs(tmp_path, monkeypatch):
-    from rltk.trainer.redi import sft_recipe
+    from rltk.workflows import sft_recipe
 
     rows = [{"prompt": f"Q: {i}+1=?\nA: ", "completion": f"\\boxed{{{i + 1}}}"} for i in range(10)]
     sft = _write_jsonl(tmp_path / "sft.jsonl", rows)
@@ -359,7 +360,7 @@ def test_stage_one_reads_sft_data_as_written_for_sft_epochs(tmp_path, monkeypatc
 
 def test_conversational_rows_use_the_chat_template(tmp_path, tiny_model_dir):
     from rltk.models import load_tokenizer
-    from rltk.trainer.redi import tokenize_table
+    from rltk.data.redi import tokenize_table
 
     rows = [{"prompt": [{"role": "user", "content": "1+1"}], "chosen": [{"role": "assistant", "content": "2"}],
              "rejected": [{"role": "assistant", "content": "3"}]}]

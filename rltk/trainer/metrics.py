@@ -1,4 +1,5 @@
-"""Step metrics: ``metrics.jsonl`` always, accelerate trackers when asked, and a progress bar."""
+"""Step metrics: a JSONL file (``metrics.jsonl``; REDI's ``redi_metrics.jsonl``) always, accelerate
+trackers when asked, and a progress bar."""
 from __future__ import annotations
 
 import json
@@ -12,13 +13,15 @@ from rltk.schema import flatten_keys
 
 
 class MetricsLog:
-    """Appends one JSON line per step on the main process and forwards to accelerate trackers."""
+    """Appends one JSON line per step to ``output_dir/name`` on the main process and forwards the
+    numbers to accelerate trackers, under ``prefix`` (e.g. ``redi/``)."""
 
     def __init__(self, accelerator, output_dir: str | Path, report_to: list[str], project: str,
-                 config: dict[str, Any], resume_step: int = 0):
+                 config: dict[str, Any], resume_step: int = 0, *, name: str = "metrics.jsonl", prefix: str = ""):
         self.accelerator = accelerator
-        self.path = Path(output_dir) / "metrics.jsonl"
+        self.path = Path(output_dir) / name
         self.trackers = bool(report_to)
+        self.prefix = prefix
         if accelerator.is_main_process:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._truncate_after(resume_step)
@@ -46,7 +49,8 @@ class MetricsLog:
         with self.path.open("a") as handle:
             handle.write(json.dumps({"step": step, **clean}) + "\n")
         if self.trackers:
-            self.accelerator.log({k: v for k, v in clean.items() if isinstance(v, (int, float))}, step=step)
+            self.accelerator.log({self.prefix + k: v for k, v in clean.items() if isinstance(v, (int, float))},
+                                 step=step)
 
     def close(self) -> None:
         if self.trackers:
@@ -67,5 +71,5 @@ def _tracker_config(config: dict[str, Any]) -> dict[str, Any]:
             for name, value in flatten_keys(config).items()}
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    return tqdm(total=total, initial=initial, desc="rl", unit="step", disable=not enabled, dynamic_ncols=True)
+def progress_bar(total: int, initial: int, enabled: bool, desc: str = "rl"):
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
