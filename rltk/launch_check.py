@@ -26,7 +26,7 @@ import yaml
 
 from rltk.schema import ConfigError, Recipe
 
-from rltk.validate import load_recipe
+from rltk.validate import check_layout, load_recipe, micro_batch_rows
 from rltk.memory import GIB, ModelShape, StepShape, bytes_per_value, step_working_set
 
 
@@ -141,31 +141,12 @@ def _training_processes(recipe: Recipe, layout: LaunchLayout, explicit: bool) ->
 
 
 def _check_batches(recipe: Recipe, world: int) -> list[str]:
-    from rltk.algos.pipeline import StageCall
-
-    t, r = recipe.trainer, recipe.rollout
     if recipe.redi.data is not None or recipe.redi.sft_data is not None:  # a REDI recipe: its own batch rules
         c = recipe.redi
         if c.batch_size % world:
             raise ConfigError(f"redi.batch_size ({c.batch_size}) must be a multiple of the {world} processes")
         return [f"REDI: {c.batch_size // world} rows per process per step, micro-batches of {c.micro_batch_size}"]
-    per_update = t.prompts_per_step // t.mini_batches
-    if per_update % world:
-        raise ConfigError(f"trainer.prompts_per_step / mini_batches = {per_update} prompts per optimizer step cannot "
-                          f"be split over {world} training processes; make it a multiple of {world}")
-    per_rank = per_update // world
-    sampler = StageCall.from_spec("sampler", recipe.algorithm.sampler).stage.fn
-    if getattr(sampler, "provides_roles", False) and per_rank % 2:
-        raise ConfigError(f"trainer.prompts_per_step: the pairing sampler needs an even number of prompts per "
-                          f"process and optimizer step, got {per_rank} on each of {world} processes")
-    completions = per_rank * r.group_size
-    micro = t.micro_batch_size // r.group_size * r.group_size if t.micro_batch_size >= r.group_size else \
-        t.micro_batch_size
-    lines = [f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer "
-             f"step, in micro-batches of {min(micro, completions)} ({-(-completions // micro)} per step)"]
-    if t.micro_batch_size > r.group_size and t.micro_batch_size % r.group_size:
-        lines.append(f"note: micro_batch_size {t.micro_batch_size} is rounded down to {micro} (whole groups)")
-    return lines
+    return check_layout(recipe, world)
 
 
 def _check_parallelism(recipe: Recipe, layout: LaunchLayout, world: int, server: int) -> list[str]:
@@ -254,8 +235,7 @@ def _micro_batch(recipe: Recipe, shape: ModelShape, layout: LaunchLayout, world:
     if recipe.redi.data is not None or recipe.redi.sft_data is not None:
         return StepShape(rows=recipe.redi.micro_batch_size, prompt=0, completion=recipe.redi.max_length, **common)
     per_rank = max(1, t.prompts_per_step // t.mini_batches // world) * r.group_size
-    micro = t.micro_batch_size // r.group_size * r.group_size if t.micro_batch_size >= r.group_size else \
-        t.micro_batch_size
+    micro = micro_batch_rows(t.micro_batch_size, r.group_size)
     return StepShape(rows=min(micro, per_rank), prompt=recipe.data.max_prompt_length, completion=r.max_new_tokens,
                      **common)
 
@@ -268,10 +248,9 @@ def memory_estimate(recipe: Recipe, layout: LaunchLayout, world: int, shape: Mod
     m, params = recipe.model, shape.params
     shard_w = world if layout.zero_stage == 3 else 1
     parts = model_state_bytes(recipe, layout, world, params)
-    from rltk.algos.pipeline import AlgorithmPipeline
 
     a, teacher = recipe.algorithm, recipe.teacher
-    if "ref_logps" in AlgorithmPipeline(a.advantage, a.loss, a.aggregation, a.terms).needs() and m.lora is None:
+    if "ref_logps" in recipe.algorithm_stages.needs() and m.lora is None:
         parts["reference model"] = bytes_per_value(m.dtype) * params / shard_w
     if a.paced is not None and teacher.name_or_path in KNOWN_MODELS:
         parts["teacher model"] = bytes_per_value(teacher.dtype) * KNOWN_MODELS[teacher.name_or_path].params / shard_w

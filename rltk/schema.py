@@ -346,9 +346,19 @@ class Recipe:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     redi: RediConfig = field(default_factory=RediConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # The algorithm section resolved into typed stage calls (rltk.algos.Algorithm), set once by
+    # rltk.validate when the recipe loads. Not part of the recipe's text: to_dict leaves it out.
+    algorithm_stages: Any = field(default=None, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The recipe's sections as plain data (what recipe.json holds)."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.init:
+                value = getattr(self, f.name)
+                out[f.name] = [dataclasses.asdict(v) for v in value] if isinstance(value, list) else \
+                    dataclasses.asdict(value)
+        return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -442,7 +452,7 @@ def _type_error(where: str, value: Any, tp: Any) -> ConfigError:
 def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``: unknown keys and wrong types are ConfigErrors."""
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)

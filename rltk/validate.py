@@ -31,9 +31,6 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return build_recipe(load_recipe_data(path), list(overrides))
 
 
-_GROUP_BASELINES = {"grpo", "dr_grpo", "rloo", "weighted_grpo", "garl"}
-
-
 def _positive(value: float, key: str, fix: str = "") -> None:
     if value <= 0:
         raise ConfigError(f"{key}: must be > 0, got {value}{'; ' + fix if fix else ''}")
@@ -226,8 +223,9 @@ def _walk_attrs(obj: Any, dotted: str) -> Any:
 
 
 def validate(recipe: Recipe) -> None:
-    """Cross-field rules; stage names and parameters are resolved against the registries."""
-    from rltk.algos.pipeline import AlgorithmPipeline
+    """Cross-field rules. The algorithm section is resolved once against the registries into
+    ``recipe.algorithm_stages`` (an :class:`rltk.algos.Algorithm`), which the trainer uses."""
+    from rltk.algos.pipeline import Algorithm
     from rltk.algos.registry import StageError
 
     t, r = recipe.trainer, recipe.rollout
@@ -256,46 +254,30 @@ def validate(recipe: Recipe) -> None:
         raise ConfigError(f"rollout.temperature: must be > 0 for sampling, got {r.temperature}")
     if not 0 < r.top_p <= 1 or not 0 < recipe.eval.top_p <= 1:
         raise ConfigError("rollout.top_p and eval.top_p must be in (0, 1]")
-    if t.prompts_per_step % t.mini_batches:
-        raise ConfigError(
-            f"trainer.prompts_per_step ({t.prompts_per_step}) must be divisible by trainer.mini_batches "
-            f"({t.mini_batches}) so every mini-batch holds whole prompt groups"
-        )
     if recipe.eval.ks and max(recipe.eval.ks) > recipe.eval.n:
         raise ConfigError(f"eval.ks: k = {max(recipe.eval.ks)} exceeds eval.n = {recipe.eval.n}; raise eval.n")
     if not 0 <= t.warmup_ratio < 1:
         raise ConfigError(f"trainer.warmup_ratio: must be in [0, 1), got {t.warmup_ratio}")
-    if t.steps % (t.ppo_epochs * t.mini_batches):
-        raise ConfigError(f"trainer.steps ({t.steps}) must be a multiple of ppo_epochs × mini_batches "
-                          f"({t.ppo_epochs * t.mini_batches})")
     _validate_values(recipe)
-    from rltk.algos.pipeline import StageCall
-
     _convert_stage_params(recipe.algorithm)
+    a = recipe.algorithm
     try:
-        pipeline = AlgorithmPipeline(recipe.algorithm.advantage, recipe.algorithm.loss,
-                                     recipe.algorithm.aggregation, recipe.algorithm.terms)
-        sampler_call = StageCall.from_spec("sampler", recipe.algorithm.sampler)
+        algorithm = Algorithm.resolve(a.advantage, a.loss, a.aggregation, a.terms, a.sampler)
         # checks its knobs on a small stand-in dataset: never sized by the recipe, so nothing big is allocated
-        sampler_call(_DRY_RUN_PROMPTS, t.seed)  # what it raises is one line naming the sampler
-        pipeline.dry_run()
+        algorithm.make_sampler(_DRY_RUN_PROMPTS, t.seed)  # what it raises is one line naming the sampler
+        algorithm.pipeline.dry_run()
     except StageError as exc:
         raise ConfigError(f"algorithm: {exc}") from None
-    sampler = StageCall.from_spec("sampler", recipe.algorithm.sampler).stage.fn
-    if "roles" in pipeline.needs() and not getattr(sampler, "provides_roles", False):
+    if "roles" in algorithm.needs() and not algorithm.provides_roles:
         raise ConfigError("algorithm.sampler: the selected stages need per-group roles, which the "
-                          f"'{recipe.algorithm.sampler}' sampler does not provide; use sampler: {{name: pairing}}")
-    if getattr(sampler, "provides_roles", False) and (t.prompts_per_step // t.mini_batches) % 2:
-        raise ConfigError(f"trainer.prompts_per_step: the pairing sampler needs an even number of prompts per "
-                          f"mini-batch (pairs of q+ and q-), got {t.prompts_per_step // t.mini_batches}")
-    if pipeline.loss.name == "paft" and t.micro_batch_size < r.group_size:
-        raise ConfigError(f"trainer.micro_batch_size ({t.micro_batch_size}) must be >= rollout.group_size "
-                          f"({r.group_size}) with the paft loss, which resamples within whole groups")
-    if r.group_size == 1 and pipeline.estimator.name in _GROUP_BASELINES:
+                          f"'{algorithm.sampler.name}' sampler does not provide; use sampler: {{name: pairing}}")
+    if r.group_size == 1 and algorithm.group_baseline:
         raise ConfigError(
-            f"rollout.group_size: 1 gives '{pipeline.estimator.name}' a zero advantage for every completion; "
+            f"rollout.group_size: 1 gives '{algorithm.pipeline.estimator.name}' a zero advantage for every completion; "
             "use group_size >= 2 or the reinforce estimator"
         )
+    recipe.algorithm_stages = algorithm
+    check_layout(recipe, world_size=1)
     if recipe.model.pure_bf16 and recipe.model.dtype != "bfloat16":
         raise ConfigError(f"model.pure_bf16: true trains bfloat16 weights, but model.dtype is {recipe.model.dtype}; "
                           "set model.dtype: bfloat16, or drop pure_bf16 for float32 master weights")
@@ -307,6 +289,47 @@ def validate(recipe: Recipe) -> None:
 
 
 _DRY_RUN_PROMPTS = 8  # dataset size the sampler is built with when the recipe loads (even, for pairing)
+
+
+def check_layout(recipe: Recipe, world_size: int) -> list[str]:
+    """The batch layout over ``world_size`` training processes: every optimizer step holds whole prompt
+    groups on every process, pairs stay together for a sampler with roles, whole groups per micro-batch
+    for a loss that reads them. Used when the recipe loads (one process), by the trainer (its world)
+    and by ``rltk check`` (the launch's). Raises the first problem as a one-line ConfigError; returns a
+    summary of the layout otherwise."""
+    t, r, algorithm = recipe.trainer, recipe.rollout, recipe.algorithm_stages
+    if t.prompts_per_step % t.mini_batches:
+        raise ConfigError(
+            f"trainer.prompts_per_step ({t.prompts_per_step}) must be divisible by trainer.mini_batches "
+            f"({t.mini_batches}) so every mini-batch holds whole prompt groups"
+        )
+    updates = t.ppo_epochs * t.mini_batches
+    if t.steps % updates:
+        raise ConfigError(f"trainer.steps ({t.steps}) must be a multiple of ppo_epochs × mini_batches ({updates})")
+    per_update = t.prompts_per_step // t.mini_batches
+    if per_update % world_size:
+        raise ConfigError(f"trainer.prompts_per_step / mini_batches = {per_update} prompts per optimizer step cannot "
+                          f"be split over {world_size} training processes; make it a multiple of {world_size}")
+    per_rank = per_update // world_size
+    if algorithm.provides_roles and per_rank % 2:
+        where = f" on each of {world_size} processes" if world_size > 1 else ""
+        raise ConfigError(f"trainer.prompts_per_step: the {algorithm.sampler.name} sampler needs an even number of "
+                          f"prompts per process and optimizer step (pairs of q+ and q-), got {per_rank}{where}")
+    if algorithm.pipeline.whole_groups and t.micro_batch_size < r.group_size:
+        raise ConfigError(f"trainer.micro_batch_size ({t.micro_batch_size}) must be >= rollout.group_size "
+                          f"({r.group_size}) with the {algorithm.pipeline.loss.name} loss, which reads whole groups")
+    completions = per_rank * r.group_size
+    micro = micro_batch_rows(t.micro_batch_size, r.group_size)
+    lines = [f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer "
+             f"step, in micro-batches of {min(micro, completions)} ({-(-completions // micro)} per step)"]
+    if micro != t.micro_batch_size:
+        lines.append(f"note: micro_batch_size {t.micro_batch_size} is rounded down to {micro} (whole groups)")
+    return lines
+
+
+def micro_batch_rows(micro_batch_size: int, group_size: int) -> int:
+    """Rows per micro-batch: ``micro_batch_size`` rounded down to whole groups when it holds at least one."""
+    return micro_batch_size // group_size * group_size if micro_batch_size >= group_size else micro_batch_size
 
 
 def _stage_slots(a: AlgorithmConfig) -> list[tuple[str, str, Any]]:

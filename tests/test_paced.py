@@ -123,7 +123,7 @@ def test_all_zero_weight_step_is_skipped_and_counted(tmp_path, tiny_model_dir, t
         assert trainer.counters["paced_skipped_steps"] == 1 and trainer.counters["empty_steps"] == 1
         for name, value in trainer.model.state_dict().items():
             assert torch.equal(value, before[name]), name
-        trainer.recipe.algorithm.pg_coef = 1.0  # with the policy loss the step still trains
+        trainer.policy_loss.pg_coef = 1.0  # with the policy loss the step still trains
         metrics = trainer.accumulate_gradients(batch, torch.arange(8))
         assert "empty_step" not in metrics and torch.isfinite(torch.tensor(metrics["loss"]))
         assert trainer.counters["paced_skipped_steps"] == 2 and "paced/kl_forward" not in metrics

@@ -5,7 +5,9 @@ import json
 
 import pytest
 
-from rltk.algos.pairing import PairingSampler, ProbeContext
+from rltk.algos.pairing import PairingSampler
+from rltk.algos.samplers import ProbeContext
+from rltk.trainer.collector import JsonProbeCache
 from rltk.algos.registry import StageError
 from rltk.validate import build_recipe
 from tests.conftest import small_recipe_data
@@ -20,7 +22,7 @@ def _context(tmp_path, calls, counts=COUNTS):
         calls.append(list(indices))
         return [counts[i] for i in indices]
 
-    return ProbeContext(probe, G, [f"L1-{i}" for i in range(len(counts))], tmp_path / "probe.json")
+    return ProbeContext(probe, G, [f"L1-{i}" for i in range(len(counts))], JsonProbeCache(tmp_path / "probe.json"))
 
 
 def test_pairs_roles_and_eligibility(tmp_path):
@@ -94,13 +96,14 @@ def test_weighted_grpo_needs_the_pairing_sampler(tmp_path, tiny_model_dir):
 
 
 def test_weighted_grpo_trains_with_pairing(tmp_path, tiny_model_dir, monkeypatch):
+    from rltk.trainer.collector import RolloutCollector
     from rltk.trainer.rl import RLTrainer
 
     data = small_recipe_data(tiny_model_dir, tmp_path, trainer={"prompts_per_step": 4, "steps": 2},
                              rollout={"group_size": G},
                              algorithm={"advantage": [{"name": "weighted_grpo", "lam": 1.0}],
                                         "sampler": {"name": "pairing", "probe_size": 10}})
-    monkeypatch.setattr(RLTrainer, "probe", lambda self, indices: [COUNTS[i % 10] for i in indices])
+    monkeypatch.setattr(RolloutCollector, "probe", lambda self, indices: [COUNTS[i % 10] for i in indices])
     trainer = RLTrainer(build_recipe(data))
     try:
         batch = trainer.collect()

@@ -11,7 +11,8 @@ import torch
 
 from rltk.validate import build_recipe
 from rltk.trainer.checkpoint import latest_checkpoint, list_checkpoints
-from rltk.trainer.rl import RLTrainer, TrainingError
+from rltk.trainer.guard import TrainingError
+from rltk.trainer.rl import RLTrainer
 from rltk.workflows import VARIANTS, train, variant_data
 from tests.conftest import small_recipe_data
 

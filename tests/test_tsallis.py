@@ -10,7 +10,6 @@ import torch
 from rltk.algos import AlgorithmPipeline, StageError, get_stage
 from rltk.algos.estimators import rloo
 from rltk.algos.tsallis import (
-    GarlAdvantages,
     garl,
     garl_pathwise_weights,
     paft,
@@ -23,7 +22,7 @@ from rltk.algos.types import Advantages, Rollouts
 TOL = 1e-4
 
 
-def make_rollouts(weights, group_size=4, lengths=None, answer_logps=None, rewards=None, extra=None):
+def make_rollouts(weights, group_size=4, lengths=None, answer_logps=None, rewards=None, step=0):
     """Binary weights → correctness; fractional → rewards (use ``weights='reward'``)."""
     w = torch.tensor(weights, dtype=torch.float32)
     n = w.shape[0]
@@ -36,7 +35,7 @@ def make_rollouts(weights, group_size=4, lengths=None, answer_logps=None, reward
         completion_mask=mask,
         truncated=torch.zeros(n, dtype=torch.bool),
         answer_logps=answer_logps,
-        extra=extra or {},
+        step=step,
     )
 
 
@@ -135,7 +134,7 @@ def test_likelihood_mode_pathwise_weights():
     w = [0.6, 0.2, 0.1, 0.1, 0.05, 0.05, 0.0, 0.3]
     rollouts = likelihood_rollouts(w)
     adv = garl(rollouts, mode="likelihood")
-    assert isinstance(adv, GarlAdvantages) and isinstance(adv, Advantages)
+    assert isinstance(adv, Advantages) and adv.answer_sft_weights is not None
     wt = torch.tensor(w, dtype=torch.float64).view(2, 4)
     want = (wt / (wt.mean(-1, keepdim=True) ** 0.75 * 4**0.75)).flatten()
     assert torch.allclose(adv.answer_sft_weights.double(), want, atol=1e-6)
@@ -216,7 +215,7 @@ def test_paft_counts_sum_to_group_size_and_skip_zero_groups():
 
 def test_paft_loss_value_gradient_and_metrics():
     """Under seq_mean_token_sum the step loss is mean_prompts −weight·(1/K)·Σ_k seq-logp."""
-    rollouts = make_rollouts([1, 1, 0, 0, 0, 0, 0, 0], lengths=[3, 2, 4, 1, 2, 3, 1, 4], extra={"step": 7})
+    rollouts = make_rollouts([1, 1, 0, 0, 0, 0, 0, 0], lengths=[3, 2, 4, 1, 2, 3, 1, 4], step=7)
     draw = paft_draw(rollouts, seed=11)
     mask = rollouts.completion_mask
     logps = (-torch.rand(mask.shape, generator=torch.Generator().manual_seed(2))).requires_grad_(True)
@@ -236,22 +235,22 @@ def test_paft_draw_is_deterministic_and_fresh_per_step_and_seed():
     first = paft_draw(rollouts, seed=5).counts
     assert torch.equal(first, paft_draw(rollouts, seed=5).counts)
     assert not torch.equal(first, paft_draw(rollouts, seed=6).counts)
-    stepped = replace(rollouts, extra={"step": 1})
+    stepped = replace(rollouts, step=1)
     assert not torch.equal(first, paft_draw(stepped, seed=5).counts)
-    assert torch.equal(first, paft_draw(replace(rollouts, extra={"step": 0}), seed=5).counts)
+    assert torch.equal(first, paft_draw(replace(rollouts, step=0), seed=5).counts)
 
 
 def test_paft_draw_is_micro_batch_invariant():
     """The draw depends on (seed, step, group id, weights) only: splitting the step changes nothing."""
-    rollouts = make_rollouts([1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0], extra={"step": 3})
+    rollouts = make_rollouts([1, 1, 0, 0, 1, 0, 1, 1, 0, 1, 1, 1, 1, 0, 0, 0], step=3)
     whole = paft_draw(rollouts, seed=1).counts
     halves = [paft_draw(rollouts.select(torch.arange(i, i + 8)), seed=1).counts for i in (0, 8)]
     assert torch.equal(whole, torch.cat(halves))
 
 
 def test_paft_bad_step_is_a_clear_error():
-    rollouts = make_rollouts([1, 0, 0, 0], extra={"step": "three"})
-    with pytest.raises(StageError, match=r"extra\['step'\] must be an int"):
+    rollouts = make_rollouts([1, 0, 0, 0], step="three")
+    with pytest.raises(StageError, match=r"rollouts.step must be an int"):
         paft_draw(rollouts)
 
 

@@ -1,5 +1,5 @@
 """The pluggable advantage/loss stage (DESIGN.md §4): pure tensor code, no I/O, no distributed calls."""
-from rltk.algos.pipeline import AlgorithmPipeline, StageCall
+from rltk.algos.pipeline import Algorithm, AlgorithmPipeline, StageCall
 from rltk.algos.registry import (
     StageError,
     get_stage,
@@ -11,10 +11,15 @@ from rltk.algos.registry import (
     register_term,
     registered,
 )
+from rltk.algos.samplers import ProbeCache, ProbeContext, Sampler
 from rltk.algos.types import Advantages, LossOutput, Rollouts, group_stats
 
 __all__ = [
+    "Algorithm",
     "AlgorithmPipeline",
+    "ProbeCache",
+    "ProbeContext",
+    "Sampler",
     "Advantages",
     "LossOutput",
     "Rollouts",

@@ -19,7 +19,7 @@ def _zero_variance_share(std, size) -> float:
     return float(per_row.sum() / (multi.double() / size).sum().clamp(min=1))
 
 
-@register_advantage("grpo")
+@register_advantage("grpo", group_baseline=True)
 def grpo(rollouts: Rollouts, *, scale: str = "group", eps: float = 1e-6) -> Advantages:
     """GRPO (Shao et al. 2024, DeepSeekMath, Eq. 3): (r − mean_g r) / (std_g r + eps).
 
@@ -44,13 +44,13 @@ def grpo(rollouts: Rollouts, *, scale: str = "group", eps: float = 1e-6) -> Adva
     return Advantages(values.to(rollouts.rewards.dtype).detach(), metrics=metrics)
 
 
-@register_advantage("dr_grpo")
+@register_advantage("dr_grpo", group_baseline=True)
 def dr_grpo(rollouts: Rollouts) -> Advantages:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training"): r − mean_g r, no std."""
     return grpo(rollouts, scale="none")
 
 
-@register_advantage("rloo")
+@register_advantage("rloo", group_baseline=True)
 def rloo(rollouts: Rollouts) -> Advantages:
     """RLOO (Ahmadian et al. 2024): r_i − mean_{j≠i} r_j = G/(G−1)·(r_i − mean_g r)."""
     index, groups = rollouts.group_index()

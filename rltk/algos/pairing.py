@@ -6,40 +6,25 @@ solvable* prompts q⁺ (1 ≤ successes ≤ c, from the hard pool) and *easy but
 pairs, tagging each group with its role ("pos", "neg") for the ``weighted_grpo`` estimator.
 
 Probing needs the policy, so the trainer attaches a :class:`ProbeContext` before the first batch;
-the sampler stays free of model code. Probe results are cached in the run directory and reused on
-resume, and each probe logs the success-count histogram of both pools.
+the sampler stays free of model code and I/O. Probe results are kept in the context's cache (a file in the
+run directory) and reused on resume, and each probe logs the success-count histogram of both pools.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 
 from rltk.algos.registry import StageError, register_sampler
-from rltk.io import atomic_write_json
+from rltk.algos.samplers import ProbeContext, Sampler
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class ProbeContext:
-    """What the trainer lends the sampler: a prober and where to cache its results."""
-
-    probe: Callable[[list[int]], list[int]]  # prompt indices -> number of correct of G samples
-    group_size: int
-    example_ids: list[str]
-    cache_path: Path
-    fingerprint: str = ""  # what the probes depend on (model, seed, ...); a mismatching cache is ignored
-
-
 @register_sampler("pairing")
-class PairingSampler:
+class PairingSampler(Sampler):
     """Batches of (q⁺, q⁻) pairs; ``next_indices(n)`` returns n/2 pairs, roles in ``last_roles``.
 
     Knobs: ``c`` (success-count threshold; default G/4), ``refresh_every`` (0 = probe once before
@@ -89,15 +74,13 @@ class PairingSampler:
         key = str(self.batches)
         fingerprint = f"{self.context.fingerprint}|G={self.context.group_size}|probe_size={self.probe_size}|" \
                       f"pools={self.patterns}|seed={self.seed}"
-        path = self.context.cache_path
-        stored = json.loads(path.read_text()) if path.is_file() else {}
-        cache = stored.get("probes", {}) if stored.get("fingerprint") == fingerprint else {}
+        cache = self.context.cache.load(fingerprint)
         if key not in cache:
             candidates = {pool: self._candidates(pool) for pool in ("hard", "easy")}
             unique = sorted(set(candidates["hard"]) | set(candidates["easy"]))
             successes = dict(zip(unique, self.context.probe(unique)))
             cache[key] = {pool: [[i, successes[i]] for i in idx] for pool, idx in candidates.items()}
-            atomic_write_json(path, {"fingerprint": fingerprint, "probes": cache})
+            self.context.cache.store(fingerprint, cache)
         g = self.context.group_size
         c = self.c if self.c is not None else max(1, g // 4)
         eligible = {"hard": lambda s: 1 <= s <= c, "easy": lambda s: g - c <= s <= g - 1}

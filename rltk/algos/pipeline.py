@@ -1,11 +1,11 @@
-"""The advantage/loss pipeline a recipe selects: estimator → modifiers → loss + terms → aggregation.
-
-Built once from the recipe's ``algorithm`` section; the trainer calls it with tensors only.
+"""The advantage/loss pipeline a recipe selects: estimator → modifiers → loss + terms → aggregation,
+and :class:`Algorithm`, the whole ``algorithm`` section (pipeline and sampler) resolved once when the
+recipe loads (rltk.validate). The trainer calls them with tensors only.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Sequence
 
 import torch
@@ -13,6 +13,7 @@ from torch import Tensor
 
 from rltk.algos.importance import apply_importance_weights
 from rltk.algos.registry import Stage, StageError, get_stage, validate_params
+from rltk.algos.samplers import Sampler
 from rltk.algos.types import Advantages, LossOutput, Rollouts
 from rltk.describe import describe_exception, function_name
 
@@ -174,14 +175,36 @@ class AlgorithmPipeline:
         return set().union(*(call.needs() for call in self.stages()))
 
     def compute_advantages(self, rollouts: Rollouts) -> tuple[Advantages, dict[str, float]]:
-        """Run the estimator then each modifier; metrics are prefixed by the stage name."""
+        """Run the estimator then each modifier; metrics are prefixed by the stage name. The
+        estimator's ``answer_sft_weights`` survive a modifier that builds new Advantages without them."""
         advantages = _check_advantages(self.estimator, self.estimator(rollouts), rollouts)
         metrics = {f"{self.estimator.name}/{k}": v for k, v in advantages.metrics.items()}
         for modifier in self.modifiers:
             previous, advantages = advantages, _check_advantages(modifier, modifier(rollouts, advantages), rollouts)
             if advantages.metrics is not previous.metrics:  # a stage that passes its input through adds none
                 metrics.update({f"{modifier.name}/{k}": v for k, v in advantages.metrics.items()})
+            if advantages.answer_sft_weights is None and previous.answer_sft_weights is not None:
+                advantages = replace(advantages, answer_sft_weights=previous.answer_sft_weights)
         return advantages, metrics
+
+    def answer_sft_weights(self, rollouts: Rollouts, advantages: Advantages) -> Tensor | None:
+        """Per-completion weights ``[N]`` of the SFT term on the gold answer after each completion, as
+        the stages declare them: the estimator's ``Advantages.answer_sft_weights`` (GARL, likelihood
+        mode), else the loss's ``answer_sft_weights`` hook (PAFT, likelihood mode); ``None``: no term."""
+        if advantages.answer_sft_weights is not None:
+            return advantages.answer_sft_weights
+        hook = self.loss.stage.answer_sft_weights
+        if hook is None:
+            return None
+        try:
+            return hook(rollouts, **self.loss.params)
+        except Exception as exc:
+            raise StageFailure(self.loss.stage, f"answer_sft_weights raised {describe_exception(exc)}") from exc
+
+    @property
+    def whole_groups(self) -> bool:
+        """Whether a selected loss or term reads whole groups in every micro-batch."""
+        return any(call.stage.whole_groups for call in (self.loss, *self.terms))
 
     def per_token_loss(
         self, logps: Tensor, rollouts: Rollouts, advantages: Advantages
@@ -241,3 +264,38 @@ class AlgorithmPipeline:
             raise StageFailure(self.aggregation.stage, f"returned {_type_name(value)}; expected a scalar tensor "
                                                        "(shape [])")
         return value
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """A recipe's ``algorithm`` section resolved into typed stage calls: the advantage/loss
+    pipeline and the prompt sampler, with the facts the trainer and the recipe checks act on."""
+
+    pipeline: AlgorithmPipeline
+    sampler: StageCall
+
+    @classmethod
+    def resolve(cls, advantage: Sequence[str | dict[str, Any]], loss: str | dict[str, Any],
+                aggregation: str | dict[str, Any], terms: Sequence[str | dict[str, Any]],
+                sampler: str | dict[str, Any]) -> "Algorithm":
+        """Every stage looked up and its parameters checked; a problem is one StageError line."""
+        return cls(AlgorithmPipeline(advantage, loss, aggregation, terms), StageCall.from_spec("sampler", sampler))
+
+    def needs(self) -> set[str]:
+        return self.pipeline.needs()
+
+    @property
+    def provides_roles(self) -> bool:
+        return self.sampler.stage.provides_roles
+
+    @property
+    def group_baseline(self) -> bool:
+        return self.pipeline.estimator.stage.group_baseline
+
+    def make_sampler(self, num_prompts: int, seed: int) -> Sampler:
+        """The sampler over ``num_prompts`` training prompts; anything but a :class:`Sampler` is refused."""
+        sampler = self.sampler(num_prompts, seed)
+        if not isinstance(sampler, Sampler):
+            raise StageFailure(self.sampler.stage, f"built {_type_name(sampler)}; a sampler must subclass "
+                                                   "rltk.algos.Sampler (next_indices, state_dict, load_state_dict)")
+        return sampler

@@ -32,13 +32,24 @@ class StageError(ValueError):
 
 @dataclass(frozen=True)
 class Stage:
-    """A registered stage: its kind, name, callable, declared needs and extra attributes."""
+    """A registered stage: its kind, name, callable, declared needs, and the facts the trainer and
+    the recipe checks act on (declared here, so no code outside ``rltk.algos`` tests a stage's name)."""
 
     kind: str
     name: str
     fn: Callable[..., Any]
     needs_spec: Needs = ()
     normalizer: Callable[..., Any] | None = None  # aggregations only
+    group_baseline: bool = False  # advantages: centred on the group, so a group of one gets 0 everywhere
+    whole_groups: bool = False  # losses and terms: every micro-batch must hold whole groups
+    # losses: fn(rollouts, **params) -> float [N] | None, the per-completion weights of the SFT term on
+    # the gold answer (ALGORITHMS.md §5); estimators declare theirs as Advantages.answer_sft_weights
+    answer_sft_weights: Callable[..., Any] | None = None
+
+    @property
+    def provides_roles(self) -> bool:
+        """Samplers: whether it tags every group with a role (``Sampler.provides_roles``)."""
+        return self.kind == "sampler" and bool(getattr(self.fn, "provides_roles", False))
 
     def needs(self, params: dict[str, Any]) -> set[str]:
         """The extra inputs this stage requires for the given recipe parameters."""
@@ -77,19 +88,20 @@ _POSITIONAL = {
 _REGISTRY: dict[str, dict[str, Stage]] = {kind: {} for kind in KINDS}
 
 
-def _register(kind: str, name: str, needs: Needs = (), normalizer: Callable[..., Any] | None = None):
+def _register(kind: str, name: str, needs: Needs = (), **facts: Any):
     def decorator(fn):
         if name in _REGISTRY[kind]:
             raise StageError(f"{kind} '{name}' is already registered")
-        _REGISTRY[kind][name] = Stage(kind, name, fn, needs, normalizer)
+        _REGISTRY[kind][name] = Stage(kind, name, fn, needs, **facts)
         return fn
 
     return decorator
 
 
-def register_advantage(name: str, *, needs: Needs = ()):
-    """Register an estimator ``fn(rollouts, **params) -> Advantages``."""
-    return _register("advantage", name, needs)
+def register_advantage(name: str, *, needs: Needs = (), group_baseline: bool = False):
+    """Register an estimator ``fn(rollouts, **params) -> Advantages``. ``group_baseline``: its
+    advantage is relative to the group (``rollout.group_size`` 1 is then refused at load)."""
+    return _register("advantage", name, needs, group_baseline=group_baseline)
 
 
 def register_modifier(name: str, *, needs: Needs = ()):
@@ -97,9 +109,14 @@ def register_modifier(name: str, *, needs: Needs = ()):
     return _register("modifier", name, needs)
 
 
-def register_loss(name: str, *, needs: Needs = ()):
-    """Register a policy loss ``fn(logps, rollouts, advantages, **params) -> Tensor[N,T] | LossOutput``."""
-    return _register("loss", name, needs)
+def register_loss(name: str, *, needs: Needs = (), whole_groups: bool = False,
+                  answer_sft_weights: Callable[..., Any] | None = None):
+    """Register a policy loss ``fn(logps, rollouts, advantages, **params) -> Tensor[N,T] | LossOutput``.
+
+    ``whole_groups``: the loss reads whole groups in every micro-batch (the trainer then needs
+    ``micro_batch_size >= group_size``). ``answer_sft_weights(rollouts, **params) -> Tensor[N] | None``:
+    the weights of an SFT term on the gold answer this loss adds (``answer_logps`` is then a need)."""
+    return _register("loss", name, needs, whole_groups=whole_groups, answer_sft_weights=answer_sft_weights)
 
 
 def register_term(name: str, *, needs: Needs = ()):

@@ -1,18 +1,68 @@
 """Prompt samplers: which dataset prompts each RL step uses (DESIGN.md §4).
 
-A sampler is a class ``cls(num_prompts, seed, **params)`` with ``next_indices(n) -> list[int]``,
-``state_dict()`` and ``load_state_dict(state)``; the trainer saves its state in every checkpoint
-so a resumed run sees the same prompts as an uninterrupted one.
+A sampler is a subclass of :class:`Sampler` built as ``cls(num_prompts, seed, **params)``; the
+trainer saves its state in every checkpoint so a resumed run sees the same prompts as an
+uninterrupted one.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 import torch
 
 from rltk.algos.registry import register_sampler
 
 
+class ProbeCache(Protocol):
+    """Where a probing sampler keeps its probes across resumes (the trainer's is a JSON file in the
+    run directory); the sampler itself does no I/O."""
+
+    def load(self, fingerprint: str) -> dict[str, Any]:
+        """The probes stored under ``fingerprint``; {} when none are, or another fingerprint's are."""
+
+    def store(self, fingerprint: str, probes: dict[str, Any]) -> None:
+        """Replace what is stored with ``probes`` under ``fingerprint``."""
+
+
+@dataclass
+class ProbeContext:
+    """What the trainer lends a sampler that selects prompts by the policy's success rate."""
+
+    probe: Callable[[list[int]], list[int]]  # prompt indices -> number of correct of G samples
+    group_size: int
+    example_ids: list[str]
+    cache: ProbeCache
+    fingerprint: str = ""  # what the probes depend on (model, data, ...); a mismatching cache is ignored
+
+
+class Sampler:
+    """What the trainer calls on a sampler, and nothing else. ``next_indices``, ``state_dict`` and
+    ``load_state_dict`` are required; the rest have defaults a sampler may override."""
+
+    provides_roles = False  # True: every next_indices also sets last_roles, one role per prompt
+    last_roles: list[str] | None = None
+
+    def next_indices(self, n: int) -> list[int]:
+        """The dataset indices of the next ``n`` prompts."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def attach(self, context: ProbeContext) -> None:
+        """Called once before the first batch; samplers that probe the policy keep ``context``."""
+
+    def metrics(self) -> dict[str, float]:
+        """Logged with every rollout batch."""
+        return {}
+
+
 @register_sampler("uniform")
-class UniformSampler:
+class UniformSampler(Sampler):
     """Shuffled epochs over the dataset: every prompt once per epoch, order seeded by (seed, epoch)."""
 
     def __init__(self, num_prompts: int, seed: int, *, shuffle: bool = True):

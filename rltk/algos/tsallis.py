@@ -144,18 +144,6 @@ def garl_pathwise_weights(rollouts: Rollouts, *, q: float = 0.75) -> Tensor:
     return pathwise_weight_values(gw, q).to(rollouts.answer_logps.dtype).detach()
 
 
-@dataclass(frozen=True)
-class GarlAdvantages(Advantages):
-    """GARL's advantages plus, in likelihood mode, the pathwise SFT weights ``[N]`` (detached).
-
-    ``answer_sft_weights`` is ``None`` in binary mode (w does not depend on θ). Modifiers that use
-    ``dataclasses.replace`` keep it; the trainer can always recompute it with
-    :func:`garl_pathwise_weights`.
-    """
-
-    answer_sft_weights: Tensor | None = None
-
-
 def _garl_metrics(gw: GroupWeights, values: Tensor, q: float) -> dict[str, float]:
     mean = gw.group_mean
     finite = mean > 0
@@ -169,10 +157,10 @@ def _garl_metrics(gw: GroupWeights, values: Tensor, q: float) -> dict[str, float
     return metrics
 
 
-@register_advantage("garl", needs=_needs)
+@register_advantage("garl", needs=_needs, group_baseline=True)
 def garl(
     rollouts: Rollouts, *, q: float = 0.75, mode: str = "binary", weights: str = "correct"
-) -> GarlAdvantages:
+) -> Advantages:
     """GARL advantage (Lin & Ie 2026, arXiv 2604.25907; ALGORITHMS.md §5).
 
     A_m = (w_m/w̄^q − (w̄_¬m)^{1−q}) / M^q with w from ``mode`` (binary: correctness, or rewards
@@ -189,7 +177,7 @@ def garl(
     dtype = rollouts.rewards.dtype
     sft = pathwise_weight_values(gw, q).to(dtype).detach() if mode == "likelihood" else None
     metrics = _garl_metrics(gw, values, q)
-    return GarlAdvantages(values.to(dtype).detach(), metrics=metrics, answer_sft_weights=sft)
+    return Advantages(values.to(dtype).detach(), metrics=metrics, answer_sft_weights=sft)
 
 
 # --------------------------------------------------------------------------------------------
@@ -213,11 +201,11 @@ def paft_draw_seed(seed: int, step: int, group_id: int, weights: Tensor) -> int:
 
 
 def _step_of(rollouts: Rollouts) -> int:
-    step = rollouts.extra.get("step", 0)
+    step = rollouts.step
     if isinstance(step, Tensor):
         step = int(step.item())
     if not isinstance(step, int) or isinstance(step, bool):
-        raise StageError(f"paft: rollouts.extra['step'] must be an int (the optimizer step), got {step!r}")
+        raise StageError(f"paft: rollouts.step must be an int (the optimizer step), got {step!r}")
     return step
 
 
@@ -248,11 +236,10 @@ def paft_draw(
     """Resample each group's completions from Categorical(w/Σw), K = M times with replacement.
 
     Each group gets its own ``torch.Generator`` seeded by :func:`paft_draw_seed` from ``seed``,
-    ``rollouts.extra["step"]`` (0 when absent), the group's id in ``rollouts.group_ids`` and its
-    weights: deterministic, independent of micro-batching and ranks, and fresh every step as long as
-    the trainer sets ``extra["step"]`` (without it, a group with the same id and weights is drawn
-    the same way every step). The trainer reuses this draw for the gold-answer SFT term in
-    likelihood mode.
+    ``rollouts.step``, the group's id in ``rollouts.group_ids`` and its weights: deterministic,
+    independent of micro-batching and ranks, and fresh every step. In likelihood mode the loss's
+    stage record declares this draw's coefficients as the gold-answer SFT weights
+    (:func:`paft_answer_sft_weights`).
     """
     _check("paft", q, mode, weights)
     group, num_groups = rollouts.group_index()
@@ -278,7 +265,16 @@ def paft_draw(
     return PaftDraw(counts, coef.detach(), skipped, skipped_groups, num_groups)
 
 
-@register_loss("paft", needs=_needs)
+def paft_answer_sft_weights(rollouts: Rollouts, *, q: float = 0.75, mode: str = "binary", weights: str = "correct",
+                            seed: int = 0) -> Tensor | None:
+    """PAFT's gold-answer SFT weights: in likelihood mode the coefficients of this step's draw
+    (:func:`paft_draw`, the same draw the loss trains on); ``None`` in binary mode."""
+    if mode != "likelihood":
+        return None
+    return paft_draw(rollouts, q=q, mode=mode, weights=weights, seed=seed).coef.float()
+
+
+@register_loss("paft", needs=_needs, whole_groups=True, answer_sft_weights=paft_answer_sft_weights)
 def paft(
     logps: Tensor,
     rollouts: Rollouts,

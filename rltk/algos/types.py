@@ -33,6 +33,7 @@ class Rollouts:
     roles: tuple[str, ...] | None = None  # one role per group, in group order (e.g. "pos"/"neg")
     entropy: Tensor | None = None  # [N, T] current-policy token entropy, with grad, per micro-batch
     is_weights: Tensor | None = None  # [N, T] sampler→trainer importance weights (rltk.algos.importance)
+    step: int = 0  # optimizer steps taken before this rollout batch's first update (seeds PAFT's draw)
     extra: dict[str, Any] = field(default_factory=dict)  # room for user stages
 
     @property
@@ -74,12 +75,15 @@ class Advantages:
 
     ``keep`` drops completions from the loss *and* from the aggregation normaliser (so dropping
     differs from zeroing under token_mean); ``None`` keeps all. ``metrics`` are logged by the
-    trainer under the stage's name.
+    trainer under the stage's name. ``answer_sft_weights`` ``[N]`` (detached), when an estimator
+    sets it, weights the SFT term on the gold answer after each completion (GARL's pathwise term in
+    likelihood mode, ALGORITHMS.md §5); the pipeline carries it through modifiers that drop it.
     """
 
     values: Tensor
     keep: Tensor | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+    answer_sft_weights: Tensor | None = None
 
     def per_token(self, num_tokens: int) -> Tensor:
         """Values broadcast to ``[N, T]``."""

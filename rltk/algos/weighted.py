@@ -133,7 +133,7 @@ def _metrics(rollouts: Rollouts, is_pos: Tensor, values: Tensor, roles: tuple[st
     }
 
 
-@register_advantage("weighted_grpo", needs={"roles"})
+@register_advantage("weighted_grpo", needs={"roles"}, group_baseline=True)
 def weighted_grpo(
     rollouts: Rollouts,
     *,

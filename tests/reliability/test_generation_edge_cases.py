@@ -48,7 +48,7 @@ def _run(tmp_path, model_dir, advantage, make_texts):
     try:
         trainer.sampler.next_indices = lambda n: [0, 1]
         answers = [trainer.train_examples[i].answer for i in (0, 1)]
-        trainer.engine = ScriptedEngine(trainer.tokenizer, make_texts(answers))
+        trainer.collector.engine = ScriptedEngine(trainer.tokenizer, make_texts(answers))  # training rollouts only
         metrics = trainer.train_batch()
         return metrics, dict(trainer.counters)
     finally:

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from rltk.validate import build_recipe
-from rltk.trainer.rl import RLTrainer, TrainingError
+from rltk.trainer.guard import TrainingError
+from rltk.trainer.rl import RLTrainer
 from tests.conftest import small_recipe_data
 
 

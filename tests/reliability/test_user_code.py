@@ -19,7 +19,8 @@ import pytest
 
 from rltk.cli import main
 from rltk.validate import build_recipe
-from rltk.trainer.rl import RLTrainer, TrainingError
+from rltk.trainer.guard import TrainingError
+from rltk.trainer.rl import RLTrainer
 from tests import broken_user_code
 from tests.conftest import small_recipe_data
 from tests.reliability.test_bad_recipes import check_outcome

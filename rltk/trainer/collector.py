@@ -1,0 +1,224 @@
+"""The rollout collector (DESIGN.md §10, "Collector and optimizer apart"): prompts in, a scored
+:class:`~rltk.trainer.batch.RolloutBatch` out — the sampler's prompts for this rank, generation,
+verification and rewards, the forwards the stages asked for, sampler→trainer importance weights,
+advantages and the batch's metrics. The optimizer loop (rltk/trainer/rl.py) only consumes batches.
+
+:meth:`RolloutCollector.collect` is the one call a producer makes: the synchronous loop calls it
+before each batch's optimizer steps; an asynchronous producer can call it ahead, on the weights of
+an earlier step, as long as it tags the batch with that step.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from rltk.algos.pipeline import Algorithm, StageFailure
+from rltk.algos.samplers import ProbeContext, Sampler
+from rltk.algos.types import Advantages, Rollouts
+from rltk.describe import describe_exception
+from rltk.engines.base import SamplingParams, rank_shard
+from rltk.io import atomic_write_json
+from rltk.schema import Recipe
+from rltk.trainer.answers import answer_logps, build_answer_batch
+from rltk.trainer.batch import RolloutBatch, add_requested_forwards, combine_rewards
+from rltk.trainer.distributed import generation_session
+from rltk.trainer.logprobs import HeadOptions, TokenBatch
+
+
+class JsonProbeCache:
+    """A probing sampler's cache as one JSON file in the run directory (``pairing_probe.json``):
+    ``{"fingerprint": ..., "probes": {...}}``, replaced atomically on every store."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def load(self, fingerprint: str) -> dict[str, Any]:
+        stored = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        return stored.get("probes", {}) if stored.get("fingerprint") == fingerprint else {}
+
+    def store(self, fingerprint: str, probes: dict[str, Any]) -> None:
+        atomic_write_json(self.path, {"fingerprint": fingerprint, "probes": probes})
+
+
+@dataclass
+class TrainingData:
+    """The training prompts the collector samples from: examples and their rendered prompts."""
+
+    examples: list
+    prompts: list[str]
+
+
+class RolloutCollector:
+    """Turns the sampler's next prompts into this rank's scored rollout batch.
+
+    ``policy`` is the (prepared) model the requested forwards run on, ``reference`` a context
+    manager yielding the frozen reference; ``counters`` are the trainer's (``reward_none`` is
+    counted here)."""
+
+    def __init__(self, recipe: Recipe, accelerator, algorithm: Algorithm, sampler: Sampler, engine, verifier,
+                 reward_fns, data: TrainingData, *, tokenizer, policy, reference: Callable, needs: set[str],
+                 correction, paced, head: HeadOptions, counters: dict[str, int], updates_per_batch: int):
+        self.recipe, self.accelerator, self.algorithm = recipe, accelerator, algorithm
+        self.sampler, self.engine, self.verifier, self.reward_fns = sampler, engine, verifier, reward_fns
+        self.data, self.tokenizer, self.policy, self.reference = data, tokenizer, policy, reference
+        self.needs, self.correction, self.paced, self.head = needs, correction, paced, head
+        self.counters, self.updates_per_batch = counters, updates_per_batch
+        self.step = 0  # the optimizer step the batch being collected is trained from
+
+    def attach_prober(self, cache_path: Path, fingerprint: str) -> None:
+        """Lend the sampler :meth:`probe` (only samplers that select by success rate use it)."""
+        self.sampler.attach(ProbeContext(self.probe, self.recipe.rollout.group_size,
+                                         [e.id for e in self.data.examples], JsonProbeCache(cache_path), fingerprint))
+
+    def collect(self, step: int) -> RolloutBatch:
+        """This rank's share of the next rollout batch, trained from optimizer step ``step``."""
+        t, acc, sampler = self.recipe.trainer, self.accelerator, self.sampler
+        self.step = step
+        try:
+            indices = sampler.next_indices(t.prompts_per_step)
+        except Exception as exc:
+            raise StageFailure(self.algorithm.sampler.stage, f"next_indices raised {describe_exception(exc)}") from exc
+        roles = sampler.last_roles if sampler.provides_roles else None
+        per_rank = t.prompts_per_step // acc.num_processes
+        first_group = step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
+        batch = self.rollout_batch(self.rank_share(indices), first_group,
+                                   tuple(self.rank_share(roles)) if roles else None)
+        batch.metrics.update(sampler.metrics())
+        return batch
+
+    def rank_share(self, indices: list) -> list:
+        """This rank's part of every mini-batch's block of ``indices`` (prompts, or their roles)."""
+        t, acc = self.recipe.trainer, self.accelerator
+        per_update = t.prompts_per_step // t.mini_batches
+        per_rank_update = per_update // acc.num_processes
+        mine = []
+        for m in range(t.mini_batches):
+            block = indices[m * per_update : (m + 1) * per_update]
+            mine.extend(block[acc.process_index * per_rank_update : (acc.process_index + 1) * per_rank_update])
+        return mine
+
+    @torch.no_grad()
+    def probe(self, indices: list[int]) -> list[int]:
+        """Correct completions out of ``group_size`` samples of the current policy per prompt
+        (for samplers that select prompts by success rate). Sharded over processes (padded equally
+        for a collective engine: :func:`rltk.engines.base.rank_shard`); seeded in a forked RNG so
+        probing never shifts the training run's random stream."""
+        r, acc = self.recipe.rollout, self.accelerator
+        shard, padding = rank_shard(self.engine, indices, acc.process_index, acc.num_processes)
+        counts: list[tuple[int, int]] = []
+        chunk = max(1, r.batch_size // r.group_size)
+        with torch.random.fork_rng(devices=[]), generation_session(self.engine):
+            torch.manual_seed(self.recipe.trainer.seed + 7919 * (self.step + 1))
+            for start in range(0, len(shard), chunk):
+                part = shard[start : start + chunk]
+                generation = self.engine.generate([self.data.prompts[i] for i in part], SamplingParams(
+                    n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                    max_new_tokens=r.max_new_tokens))
+                answers = [self.data.examples[i].answer for i in part for _ in range(r.group_size)]
+                correct = [v.correct for v in self.verifier.score(generation.texts, answers)]
+                counts += [(i, sum(correct[k * r.group_size : (k + 1) * r.group_size])) for k, i in enumerate(part)]
+        counts = counts[: len(counts) - padding]  # a collective engine's padding repeats are not probes
+        if acc.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            counts = gather_object(counts)
+        found = dict(counts)
+        return [found[i] for i in indices]
+
+    def rollout_batch(self, mine: list[int], first_group: int, roles: tuple[str, ...] | None = None) -> RolloutBatch:
+        """Sample groups for training prompts ``mine``, score them, run the requested forwards and
+        compute advantages. ``first_group`` makes group ids unique across steps and ranks; ``roles``
+        are the sampler's per-prompt roles, if any."""
+        t, r = self.recipe.trainer, self.recipe.rollout
+        examples = [self.data.examples[i] for i in mine]
+        prompts = [self.data.prompts[i] for i in mine]
+        timings = {}
+        start = time.perf_counter()
+        generation = self.engine.generate(prompts, SamplingParams(
+            n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+            return_logps=self.correction.enabled))
+        timings["time/generate"] = time.perf_counter() - start
+        start = time.perf_counter()
+        answers = [e.answer for e in examples for _ in range(r.group_size)]
+        verdicts = self.verifier.score(generation.texts, answers)
+        columns = {"answer": answers, "question": [e.question for e in examples for _ in range(r.group_size)]}
+        rewards, missing = combine_rewards(generation.texts, columns, verdicts, self.reward_fns)
+        timings["time/score"] = time.perf_counter() - start
+        self.counters["reward_none"] += missing
+        tokens = TokenBatch(generation.prompt_ids, generation.prompt_mask, generation.completion_ids,
+                            generation.completion_mask)
+        rollouts = Rollouts(
+            group_ids=(torch.arange(len(examples)) + first_group).repeat_interleave(r.group_size),
+            rewards=rewards,
+            correct=torch.tensor([v.correct for v in verdicts], dtype=torch.bool),
+            completion_mask=generation.completion_mask.float(),
+            truncated=generation.truncated,
+            roles=roles,
+            step=self.step,
+        )
+        start = time.perf_counter()
+        rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.policy, reference=self.reference,
+                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size, head=self.head)
+        rollouts, is_metrics = self.correction.apply(rollouts, generation.sampling_logps)
+        timings.update(is_metrics)
+        answer_batch = None
+        if "answer_logps" in self.needs:
+            answer_batch = build_answer_batch(tokens, generation.texts, answers, self.tokenizer,
+                                              self.recipe.data.answer_template)
+            rollouts = replace(rollouts, answer_logps=answer_logps(self.policy, answer_batch, r.temperature,
+                                                                   t.logprob_chunk_size, self.head))
+        timings["time/extra_forwards"] = time.perf_counter() - start
+        pipeline = self.algorithm.pipeline
+        advantages, stage_metrics = pipeline.compute_advantages(rollouts)
+        reasons = defaultdict(int)
+        for v in verdicts:
+            reasons[v.reason] += 1
+        if rollouts.answer_logps is not None:
+            timings["answer/logp_mean"] = float(rollouts.answer_logps.mean())
+            timings["answer/prob_mean"] = float(rollouts.answer_logps.exp().mean())
+        metrics = {**batch_metrics(rollouts, advantages, reasons), **stage_metrics, **timings}
+        answer_sft = pipeline.answer_sft_weights(rollouts, advantages) if answer_batch is not None else None
+        teacher_tokens = None
+        if self.paced is not None:
+            teacher_tokens = self.paced.teacher_tokens(tokens, examples, prompts, r.group_size)
+            metrics.update(self.paced.batch_metrics(rollouts))
+        return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics, answer_batch, answer_sft,
+                            teacher_tokens)
+
+
+def batch_metrics(rollouts: Rollouts, advantages: Advantages, reasons: dict[str, int]) -> dict[str, float]:
+    """Rollout statistics of one rank's batch (the trainer averages them over ranks)."""
+    lengths = rollouts.lengths
+    kept = advantages.kept()
+    values = advantages.values
+    if values.dim() == 2:
+        values = (values * rollouts.completion_mask).sum(-1) / rollouts.completion_mask.sum(-1).clamp(min=1)
+    kept_values = values[kept] if kept.any() else values.new_zeros(1)
+    n = max(1, rollouts.num_completions)
+    index, groups = rollouts.group_index()
+    solved = torch.zeros(groups).index_add_(0, index, rollouts.correct.float())
+    sizes = torch.zeros(groups).index_add_(0, index, torch.ones(n))
+    return {
+        "reward/mean": float(rollouts.rewards.mean()),
+        "reward/std": float(rollouts.rewards.std()) if n > 1 else 0.0,
+        "correct/mean": float(rollouts.correct.float().mean()),
+        "correct/all_correct_groups": float((solved == sizes).float().mean()),
+        "correct/all_wrong_groups": float((solved == 0).float().mean()),
+        "completion/length_mean": float(lengths.mean()),
+        "completion/length_max": float(lengths.max()),
+        "completion/truncated": float(rollouts.truncated.float().mean()),
+        "completion/empty": float((lengths <= 1).float().mean()),
+        "verifier/no_answer": reasons["no_answer"] / n,
+        "verifier/timeout": reasons["timeout"] / n,
+        "verifier/parse_error": reasons["parse_error"] / n,
+        "advantage/mean": float(kept_values.mean()),
+        "advantage/std": float(kept_values.std()) if kept_values.numel() > 1 else 0.0,
+        "advantage/max_abs": float(kept_values.abs().max()),
+        "advantage/kept": float(kept.float().mean()),
+    }
