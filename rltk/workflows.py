@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from rltk.schema import ConfigError, Recipe
 
@@ -324,10 +323,6 @@ def quickstart(recipe: Recipe, *, overwrite: bool = False) -> str:
 def _algo_name(recipe: Recipe) -> str:
     names = [a["name"] if isinstance(a, dict) else a for a in recipe.algorithm.advantage]
     return "+".join(names)
-
-
-def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
 # ---------------------------------------------------------------------------------- REDI

@@ -8,9 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from rltk.algos import StageError
+from rltk.algos.chunked_kl import chunked_kl, linear_kl
 from rltk.algos.distill import (
-    chunked_kl,
-    linear_kl,
     paced_loss,
     paced_schedule,
     paced_weights,
@@ -140,20 +139,22 @@ def test_paced_weight_errors():
 def test_paced_loss_weighted_mean_and_gradient():
     token_kl = torch.tensor([[1.0, 3.0, 9.0], [2.0, 2.0, 2.0], [5.0, 5.0, 5.0]], requires_grad=True)
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    loss, metrics = paced_loss(token_kl, mask, torch.tensor([0.25, 0.5, 1.0]))
+    weights = paced_weights(torch.tensor([0.25, 0.5, 1.0])).raw.double()
+    loss = paced_loss(token_kl, mask, weights, float(weights.sum()))
     assert loss.item() == pytest.approx(0.428571 * 2.0 + 0.571429 * 2.0, abs=TOL)
     loss.backward()
     want = torch.tensor([[0.428571 / 2] * 2 + [0.0], [0.571429 / 3] * 3, [0.0] * 3])
     assert torch.allclose(token_kl.grad, want, atol=TOL)
-    assert metrics["skipped"] == 0.0
 
 
-def test_paced_loss_skipped_batch_still_backpropagates():
-    token_kl = torch.ones(2, 3, requires_grad=True)
-    loss, metrics = paced_loss(token_kl, torch.ones(2, 3), torch.tensor([0.0, 1.0]))
-    loss.backward()
-    assert loss.item() == 0.0 and metrics["skipped"] == 1.0
-    assert torch.equal(token_kl.grad, torch.zeros(2, 3))
+def test_paced_loss_of_micro_batches_adds_up_to_the_step():
+    """Each micro-batch divides by the step's Σw, so the parts sum to the whole step's loss."""
+    token_kl = torch.rand(6, 4, generator=torch.Generator().manual_seed(0))
+    mask = (torch.arange(4) < torch.tensor([4, 3, 2, 4, 1, 3]).unsqueeze(1)).float()
+    weights = paced_weights(torch.tensor([0.25, 0.25, 0.5, 0.5, 0.75, 0.75])).raw.double()
+    total = float(weights.sum())
+    parts = sum(paced_loss(token_kl[i : i + 2], mask[i : i + 2], weights[i : i + 2], total) for i in (0, 2, 4))
+    assert float(parts) == pytest.approx(float(paced_loss(token_kl, mask, weights, total)), abs=1e-6)
 
 
 def test_paced_schedule():

@@ -5,6 +5,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from rltk.algos import Advantages, AlgorithmPipeline, Rollouts
@@ -57,3 +58,60 @@ def test_doc_examples_train(tmp_path, tiny_model_dir):
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert any("my_stages:clipped_reinforce/clipped" in line for line in lines)
     assert Path(result["model_dir"], "config.json").is_file()
+
+
+def test_a_typed_parameter_is_checked_when_the_recipe_loads(tmp_path, tiny_model_dir):
+
+    from rltk.schema import ConfigError
+
+    _write_module(tmp_path)
+    data = small_recipe_data(tiny_model_dir, tmp_path / "run", algorithm={
+        "advantage": [{"name": "my_stages:short_grpo"}], "loss": {"name": "my_stages:clipped_reinforce",
+                                                                    "max_abs": "abc"}})
+    with pytest.raises(ConfigError, match=r"algorithm\.loss\.max_abs \(loss 'my_stages:clipped_reinforce'\).*float"):
+        build_recipe(data)
+    data["algorithm"]["loss"]["max_abs"] = "1e-1"  # YAML 1.1 reads 1e-1 as a string: the annotation makes it a float
+    assert build_recipe(data).algorithm_stages.pipeline.loss.params["max_abs"] == 0.1
+
+
+def test_doc_loss_component_adds_its_own_normalised_gradient(tmp_path, tiny_model_dir):
+    """The CorrectSFT component of docs/extending.md: with it, the step's gradient grows by exactly
+    coef × ∇(−Σ logp over correct tokens) / (number of correct tokens), and its metric is that mean."""
+    from dataclasses import replace
+
+    from rltk.trainer.logprobs import forward_logps
+    from rltk.trainer.rl import RLTrainer
+
+    block = re.search(r"```python\n(# my_components\.py.*?)```", DOC.read_text(), flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "my_components.py", "exec"), namespace)
+    trainer = RLTrainer(build_recipe(small_recipe_data(tiny_model_dir, tmp_path / "run")))
+    try:
+        batch = trainer.collect()
+        n = batch.rollouts.num_completions
+        correct = torch.arange(n) % 3 == 0  # a fixed pattern: the tiny model is rarely right on its own
+        batch.rollouts = replace(batch.rollouts, correct=correct)
+        rows = torch.arange(n)
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+        def gradient() -> torch.Tensor:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            trainer.accumulate_gradients(batch, rows)
+            return torch.cat([p.grad.flatten() for p in params])
+
+        without = gradient()
+        trainer.loss_components.append(namespace["CorrectSFT"](trainer, coef=0.5))
+        trainer.optimizer.zero_grad(set_to_none=True)
+        metrics = trainer.accumulate_gradients(batch, rows)
+        with_component = torch.cat([p.grad.flatten() for p in params])
+        trainer.optimizer.zero_grad(set_to_none=True)
+        out = forward_logps(trainer.model, batch.tokens.rows(rows), trainer.recipe.rollout.temperature,
+                            head=trainer.head)
+        mask = batch.rollouts.completion_mask * correct.float().unsqueeze(-1)
+        nll = -(out.logps * mask).sum()
+        (0.5 * nll / mask.sum()).backward()
+        direct = torch.cat([p.grad.flatten() for p in params])
+        assert torch.allclose(with_component - without, direct, atol=1e-6, rtol=1e-4)
+        assert metrics["correct_sft/nll"] == pytest.approx(float(nll) / float(mask.sum()), rel=1e-5)
+    finally:
+        trainer.close()

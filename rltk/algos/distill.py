@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rltk.algos.chunked_kl import KL_DIRECTIONS, chunked_kl, linear_kl  # noqa: F401  (re-exported)
 from rltk.algos.registry import StageError
 
 SCHEDULES = ("forward", "reverse", "forward_then_reverse")
@@ -118,26 +117,15 @@ def paced_weights(pass_rates: Tensor, alpha: float = 1.0, beta: float = 1.0) -> 
     return PacedWeights(raw.to(dtype), normalized.to(dtype), skipped)
 
 
-def paced_loss(
-    token_kl: Tensor, mask: Tensor, pass_rates: Tensor, alpha: float = 1.0, beta: float = 1.0
-) -> tuple[Tensor, dict[str, float]]:
-    """PACED batch loss Σ_i w_i·L_i / Σ_i w_i with L_i the token mean of ``token_kl`` ``[N, T]``.
-
-    ``pass_rates`` ``[N]`` is each sequence's problem pass rate. A batch whose weights are all 0
-    returns a zero loss that still depends on ``token_kl`` (so backward works) and
-    ``metrics["skipped"] = 1``.
-    """
-    weights = paced_weights(pass_rates, alpha, beta)
+def paced_loss(token_kl: Tensor, mask: Tensor, weights: Tensor, total: float) -> Tensor:
+    """PACED's loss of a batch of sequences (arXiv 2603.11178; ALGORITHMS.md §7): Σ_i (w_i / total)·KL_i
+    with KL_i the token mean of ``token_kl`` ``[N, T]`` over ``mask`` and ``weights`` ``[N]`` the raw
+    w(p_i). ``total`` is Σ w over the whole optimizer step (every micro-batch, every rank), so the
+    micro-batch losses add up to the step's; the caller skips a step whose total is 0."""
     mask = mask.to(token_kl.dtype)
     per_sequence = (token_kl * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-    coef = weights.normalized.to(device=token_kl.device, dtype=token_kl.dtype)
-    loss = (coef * per_sequence).sum()
-    metrics = {
-        "skipped": float(weights.skipped),
-        "mean_weight": float(weights.raw.double().mean()) if weights.raw.numel() else 0.0,
-        "kl": float(per_sequence.detach().double().mean()) if per_sequence.numel() else 0.0,
-    }
-    return loss, metrics
+    coef = (weights / total).to(device=per_sequence.device, dtype=per_sequence.dtype)
+    return (coef * per_sequence).sum()
 
 
 def paced_schedule(step: int, schedule: str = "forward_then_reverse", switch_step: int | None = None) -> str:

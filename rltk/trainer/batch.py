@@ -23,19 +23,6 @@ class RolloutBatch:
     answer_sft: torch.Tensor | None = None  # [N] weights of the gold-answer SFT term (likelihood mode)
     teacher_tokens: TokenBatch | None = None  # the completions after the PACED teacher's prompts
 
-    def select(self, rows: torch.Tensor) -> "RolloutBatch":
-        """Rows ``rows`` (whole groups) of every per-completion field."""
-        from rltk.trainer.answers import AnswerBatch
-
-        adv = self.advantages
-        advantages = None if adv is None else Advantages(
-            adv.values[rows], None if adv.keep is None else adv.keep[rows], adv.metrics)
-        answer = None if self.answer is None else AnswerBatch(self.answer.tokens.rows(rows), self.answer.answer_mask[rows])
-        return RolloutBatch(self.tokens.rows(rows), self.rollouts.select(rows), advantages,
-                            [self.texts[i] for i in rows.tolist()], self.metrics, answer,
-                            None if self.answer_sft is None else self.answer_sft[rows],
-                            None if self.teacher_tokens is None else self.teacher_tokens.rows(rows))
-
 
 def hidden_layers(needs: set[str]) -> tuple[int, ...]:
     """Layer indices requested as ``hidden(L)``."""

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from rltk.algos.chunked_kl import linear_kl
-from rltk.algos.distill import paced_schedule, paced_weights
+from rltk.algos.distill import paced_loss, paced_schedule, paced_weights
 from rltk.algos.types import Rollouts
 from rltk.schema import PacedConfig, Recipe
 from rltk.trainer.distributed import gathered
@@ -81,9 +81,7 @@ class PacedObjective:
         token_kl = linear_kl(student_hidden, student_weight, teacher_hidden.to(student_hidden.device), teacher_weight,
                              mask, plan.direction, self.cfg.chunk_size, vocab=vocab,
                              gather=gathered(student_weight, teacher_weight))
-        per_sequence = token_kl.sum(-1) / mask.sum(-1).clamp(min=1)
-        coef = (weights / plan.total).to(device=per_sequence.device, dtype=per_sequence.dtype)
-        return self.cfg.coef * (coef * per_sequence).sum(), token_kl.detach()
+        return self.cfg.coef * paced_loss(token_kl, mask, weights, plan.total), token_kl.detach()
 
     def batch_metrics(self, rollouts: Rollouts) -> dict[str, float]:
         """Per-prompt weight quantiles and the shares of prompts at p = 0 and p = 1 (this rank)."""
