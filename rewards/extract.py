@@ -9,7 +9,7 @@ elsewhere, by math-verify inside killable worker processes (:mod:`rewards.pool`)
   message's content). Never raises; anything else has no text.
 - :func:`find_boxes` / :func:`last_boxed`: balanced ``\\boxed{...}`` / ``\\fbox{...}`` groups. We
   pick the last box ourselves because math-verify merges several boxes that stand close together
-  into a set (``\\boxed{1} no \\boxed{2}`` -> {1, 2}; ALGORITHMS.md §9.1). The answer is the
+  into a set (``\\boxed{1} no \\boxed{2}`` -> {1, 2}; docs/algorithms/reference.md §9.1). The answer is the
   content of the last *outermost* box: ``\\boxed{\\boxed{7}8}`` gives ``\\boxed{7}8``, which
   :func:`refusal` then refuses (a box inside the answer), never the inner ``7``.
 - :func:`clean_answer`: cosmetic clean-up, safe to hand to math-verify (it fixes inputs math-verify
@@ -328,7 +328,7 @@ _NUMBER_WITH_UNIT = re.compile(
 def normalize_answer(s: str) -> str:
     """Fast-path key: :func:`clean_answer`, then degrees (``^\\circ``), percent signs and a
     ``\\text{...}`` unit after a number are dropped, as math-verify itself ignores them
-    (``10\\%`` = 10, ``5 \\text{ cm}`` = 5; ALGORITHMS.md §9.1). Conservative by design: equal keys
+    (``10\\%`` = 10, ``5 \\text{ cm}`` = 5; docs/algorithms/reference.md §9.1). Conservative by design: equal keys
     mean equal answers; unequal keys mean nothing (math-verify decides)."""
     return cleaned_key(clean_answer(s))
 

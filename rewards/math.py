@@ -5,7 +5,7 @@ message lists), then the last outermost balanced ``\\boxed{...}`` (none -> ``no_
 answer (:func:`~rewards.extract.refusal`) is a ``parse_error``; if its
 :func:`~rewards.extract.normalize_answer` key equals the gold's, it is correct without a worker;
 otherwise math-verify decides in a killable worker (:class:`~rewards.pool.VerifierPool`), the gold
-parsed first (``verify`` is asymmetric; ALGORITHMS.md §9.1), under the rules of
+parsed first (``verify`` is asymmetric; docs/algorithms/reference.md §9.1), under the rules of
 :func:`~rewards.pool.check_pair`. Timeouts and parse failures score 0 and keep their reason, so
 metrics can count them.
 
@@ -46,7 +46,7 @@ __all__ = ["VERIFIER_VERSION", "MathVerifier", "Verdict", "default_verifier", "m
 
 VERIFIER_VERSION = f"rltk-math/2 math-verify=={importlib.metadata.version('math-verify')}"
 """Recorded in every report: answer extraction/normalisation rules and the math-verify release
-(a parser regression once moved MATH-500 scores by 6 points; ALGORITHMS.md §9.1)."""
+(a parser regression once moved MATH-500 scores by 6 points; docs/algorithms/reference.md §9.1)."""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """A pool of long-lived worker processes that run math-verify under a hard per-item deadline.
 
-Why processes (ALGORITHMS.md §9.1, math-verify 0.9.0): its own timeouts use ``signal.alarm``, which
+Why processes (docs/algorithms/reference.md §9.1, math-verify 0.9.0): its own timeouts use ``signal.alarm``, which
 works only in the main thread and cannot interrupt C-level big-integer work (one nested-exponent
 answer ran > 30 s despite a 5 s timeout, its issue #65), and its ``TimeoutException`` subclasses
 ``BaseException``. So the workers run math-verify with its timeouts off (``parsing_timeout=None``,

@@ -1,4 +1,4 @@
-"""``rltk`` command line: parse, load the recipe, call the library (DESIGN.md §6).
+"""``rltk`` command line: parse, load the recipe, call the library (docs/design.md §6).
 
 Every user mistake (bad recipe, missing file, unknown stage, missing dataset column) ends with one
 line on stderr and exit code 2; no traceback.

@@ -2,7 +2,7 @@
 built-in tiny model.
 
 The tiny model is a random-initialised Qwen2 with a character-level tokenizer built locally with
-the ``tokenizers`` library (DESIGN.md §9). It is saved as a normal HF directory, so every later
+the ``tokenizers`` library (docs/design.md §9). It is saved as a normal HF directory, so every later
 code path (training, evaluation, vLLM, export) treats it like a real model.
 """
 from __future__ import annotations

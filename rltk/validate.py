@@ -1,4 +1,4 @@
-"""Every cross-field rule of a recipe, in one place (DESIGN.md §10, "Floors"): ranges, sizes,
+"""Every cross-field rule of a recipe, in one place (docs/design.md §1, "Floors"): ranges, sizes,
 templates, sources, trackers, the batch layout (:func:`check_layout`, which the trainer and
 ``rltk check`` use too) and the algorithm's stages, resolved against their registries. It sits above
 the schema and the registries (algos, data, rewards) and below the trainer; :func:`load_recipe` and

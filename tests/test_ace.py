@@ -1,4 +1,4 @@
-"""ACE modifier (ALGORITHMS.md §2; Xu et al. 2026, arXiv 2602.21420)."""
+"""ACE modifier (docs/algorithms/reference.md §2; Xu et al. 2026, arXiv 2602.21420)."""
 from __future__ import annotations
 
 import math
@@ -15,7 +15,7 @@ from rltk.algos.estimators import grpo
 from rltk.algos.negative import nsr
 from rltk.algos.types import Advantages, Rollouts
 
-SPEC_TOL = 1e-4  # ALGORITHMS.md: vectors hold to 1e-4 (grpo's eps moves the sixth digit)
+SPEC_TOL = 1e-4  # docs/algorithms/reference.md: vectors hold to 1e-4 (grpo's eps moves the sixth digit)
 TOL = 1e-6
 C = [0.3, 2.0, -1.0, 0.5]
 

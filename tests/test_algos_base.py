@@ -1,4 +1,4 @@
-"""The §0 built-ins of ALGORITHMS.md: estimators, losses, aggregations, terms, filters, sampler,
+"""The §0 built-ins of docs/algorithms/reference.md: estimators, losses, aggregations, terms, filters, sampler,
 registry errors, and micro-batch invariance of the step loss and gradient."""
 from __future__ import annotations
 
@@ -249,7 +249,7 @@ def _run_step(pipe: AlgorithmPipeline, rollouts: Rollouts, current: torch.Tensor
 @pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
 @pytest.mark.parametrize("loss", [{"name": "ppo_clip", "epsilon_high": 0.28, "dual_clip": 3.0}, "gspo", "cispo", "reinforce"])
 def test_microbatch_invariance(loss, aggregation):
-    """ALGORITHMS.md §0.3: the step loss and summed gradient do not depend on the cut (1×8, 2×4, 8×1).
+    """docs/algorithms/reference.md §0.3: the step loss and summed gradient do not depend on the cut (1×8, 2×4, 8×1).
     Two ranks of 2×2 are the same sums in another order, so this also covers the 2-process split."""
     rollouts, current = _microbatch_case()
     pipe = AlgorithmPipeline(

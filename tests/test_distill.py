@@ -1,4 +1,4 @@
-"""REDI (ALGORITHMS.md §6; arXiv 2505.24850) and PACED (§7; arXiv 2603.11178)."""
+"""REDI (docs/algorithms/reference.md §6; arXiv 2505.24850) and PACED (§7; arXiv 2603.11178)."""
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,4 @@
-"""rltk.eval.metrics: ALGORITHMS.md §9 vectors and hand-computed maj@k cases."""
+"""rltk.eval.metrics: docs/algorithms/reference.md §9 vectors and hand-computed maj@k cases."""
 
 import itertools
 import math

@@ -1,4 +1,4 @@
-"""PSR / NSR / W-REINFORCE (ALGORITHMS.md §1; Zhu et al. 2025, arXiv 2506.01347)."""
+"""PSR / NSR / W-REINFORCE (docs/algorithms/reference.md §1; Zhu et al. 2025, arXiv 2506.01347)."""
 from __future__ import annotations
 
 from dataclasses import replace

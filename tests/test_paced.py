@@ -1,4 +1,4 @@
-"""PACED in the RL loop (ALGORITHMS.md §7; arXiv 2603.11178): the trainer's loss and gradient equal
+"""PACED in the RL loop (docs/algorithms/reference.md §7; arXiv 2603.11178): the trainer's loss and gradient equal
 a hand computation from the two models' full logits, do not depend on micro-batching, skip
 all-zero-weight steps, follow the schedule; the recipe section is validated before models load."""
 from __future__ import annotations

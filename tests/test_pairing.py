@@ -1,4 +1,4 @@
-"""The pairing sampler (ALGORITHMS.md §4a) and Weighted GRPO end to end."""
+"""The pairing sampler (docs/algorithms/reference.md §4a) and Weighted GRPO end to end."""
 from __future__ import annotations
 
 import json

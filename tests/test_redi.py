@@ -1,4 +1,4 @@
-"""REDI (ALGORITHMS.md §6): `rltk data pairs`, the stage-2 step on the tiny model, and `rltk redi`.
+"""REDI (docs/algorithms/reference.md §6): `rltk data pairs`, the stage-2 step on the tiny model, and `rltk redi`.
 
 The loss functions themselves (§6 vectors, gradient coefficients, paired = unpaired, α = 0 = SFT)
 are tested in test_distill.py; here: the data tooling, that the trainer's step is exactly
@@ -323,7 +323,7 @@ def test_teacher_recipe_end_to_end(tmp_path, capsys):
 
 
 def test_paper_recipes_carry_the_papers_settings():
-    """ALGORITHMS.md §6: stage 1 lr 5e-5, batch 128, 5 epochs; stage 2 lr 1e-6, batch 32, 1 epoch, 10% warmup
+    """docs/algorithms/reference.md §6: stage 1 lr 5e-5, batch 128, 5 epochs; stage 2 lr 1e-6, batch 32, 1 epoch, 10% warmup
     then linear decay, α = 0.8; Open-R1 traces; MATH-500 pass@1 over 16 samples."""
     s1 = load_recipe(ROOT / "recipes" / "qwen2.5-math-1.5b" / "sft_stage1.yaml")
     s2 = load_recipe(ROOT / "recipes" / "qwen2.5-math-1.5b" / "redi_stage2.yaml")

@@ -1,4 +1,4 @@
-"""ResRL modifier (ALGORITHMS.md §3; Lin et al. 2026, arXiv 2605.00380)."""
+"""ResRL modifier (docs/algorithms/reference.md §3; Lin et al. 2026, arXiv 2605.00380)."""
 from __future__ import annotations
 
 from dataclasses import replace

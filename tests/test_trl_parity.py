@@ -1,6 +1,6 @@
 """Parity of rltk's policy loss and gradients with TRL 1.16's ``GRPOTrainer``.
 
-rltk owns its RL loop (DESIGN.md §2), so nothing forces its loss to agree with the reference
+rltk owns its RL loop (docs/design.md §2), so nothing forces its loss to agree with the reference
 implementation users know. These tests pin it: on one tiny Qwen2 and one batch (left-padded prompts
 of different lengths, right-padded completions of different lengths, advantages from rltk's
 ``grpo`` estimator, sampling temperature 0.7), TRL's ``GRPOTrainer._compute_loss(model, inputs)`` and
@@ -21,12 +21,12 @@ TRL conventions mirrored in the setup (none of them is an rltk bug):
 
 * TRL is called on the whole batch at once (its ``gradient_accumulation_steps`` = 1 and
   ``steps_per_generation`` = 1), while rltk cuts the same rows into two micro-batches: the parity
-  then also checks that rltk's step normaliser makes micro-batching invisible (ALGORITHMS.md §0.3).
+  then also checks that rltk's step normaliser makes micro-batching invisible (docs/algorithms/reference.md §0.3).
   With gradient accumulation TRL divides ``grpo``/``dr_grpo`` losses by the number of accumulation
   steps, and ``dapo`` by ``num_items_in_batch``, the token count of the whole generation batch; we
   pass that count (one process) in ``inputs["num_items_in_batch"]`` exactly as TRL's sampler does.
 * TRL's default ``use_bias_correction_kl=True`` multiplies the k3 KL by the (gradient-carrying)
-  ratio ρ; rltk's ``kl`` term is the plain k3 estimator of ALGORITHMS.md §0.4, so the KL case runs
+  ratio ρ; rltk's ``kl`` term is the plain k3 estimator of docs/algorithms/reference.md §0.4, so the KL case runs
   TRL with ``use_bias_correction_kl=False``.
 * TRL's forward passes no ``position_ids``: its left-padded rows get positions shifted by their pad
   count, while rltk passes ``cumsum(mask) − 1``. Qwen2's rotary embedding only sees relative
@@ -39,7 +39,7 @@ TRL conventions mirrored in the setup (none of them is an rltk bug):
   Rows that are masked out entirely (rltk drops them with ``keep``/``mask_truncated``; TRL zeroes
   them with ``mask_truncated_completions``) are a deliberate difference: TRL still counts them in the
   ``grpo`` mean and the ``dr_grpo`` sequence count, rltk removes them from the normaliser
-  (ALGORITHMS.md §0.3–0.4).
+  (docs/algorithms/reference.md §0.3–0.4).
 """
 from __future__ import annotations
 

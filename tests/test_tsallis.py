@@ -1,4 +1,4 @@
-"""GARL and PAFT on the Tsallis loss continuum (ALGORITHMS.md §5; Lin & Ie 2026, arXiv 2604.25907)."""
+"""GARL and PAFT on the Tsallis loss continuum (docs/algorithms/reference.md §5; Lin & Ie 2026, arXiv 2604.25907)."""
 from __future__ import annotations
 
 import math

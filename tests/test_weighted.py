@@ -1,4 +1,4 @@
-"""Weighted GRPO with positive–negative pairing (ALGORITHMS.md §4b; Sheng et al. 2026, arXiv 2602.03452)."""
+"""Weighted GRPO with positive–negative pairing (docs/algorithms/reference.md §4b; Sheng et al. 2026, arXiv 2602.03452)."""
 from __future__ import annotations
 
 import pytest
@@ -9,7 +9,7 @@ from rltk.algos.estimators import grpo
 from rltk.algos.types import Rollouts
 from rltk.algos.weighted import weighted_grpo
 
-TOL = 1e-4  # ALGORITHMS.md: vectors hold to 1e-4 (eps moves the sixth digit)
+TOL = 1e-4  # docs/algorithms/reference.md: vectors hold to 1e-4 (eps moves the sixth digit)
 
 POS = [1, 0, 0, 0, 0, 0, 0, 0]  # q⁺: one rare success
 NEG = [1, 1, 1, 1, 1, 1, 1, 0]  # q⁻: one rare failure

@@ -1,4 +1,4 @@
-"""The pluggable advantage/loss stage (DESIGN.md §4): pure tensor code, no I/O, no distributed calls."""
+"""The pluggable advantage/loss stage (docs/design.md §4): pure tensor code, no I/O, no distributed calls."""
 from rltk.algos.pipeline import Algorithm, AlgorithmPipeline, StageCall
 from rltk.algos.registry import (
     StageError,

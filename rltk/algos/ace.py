@@ -1,4 +1,4 @@
-"""ACE: asymmetric confidence-aware error penalty (ALGORITHMS.md §2).
+"""ACE: asymmetric confidence-aware error penalty (docs/algorithms/reference.md §2).
 
 Xu et al. 2026, "Overconfident Errors Need Stronger Correction" (arXiv 2602.21420; no public code).
 A modifier applied after any estimator. Each completion's confidence shift is the sequence
@@ -13,7 +13,7 @@ and only **wrong** completions are modulated:
 
 with f = softplus (default; beat ReLU in the paper) or relu, and m_i optionally capped at
 ``max_multiplier`` (the same cap bounds the additive penalty at ``max_multiplier − 1``). The form
-is reconstructed from the abstract and secondary summaries (ALGORITHMS.md §2 says so); ``alpha``'s
+is reconstructed from the abstract and secondary summaries (docs/algorithms/reference.md §2 says so); ``alpha``'s
 default 1.0 is not published. The rule follows the spec literally: a wrong completion whose
 incoming advantage is positive (possible with shaped rewards) is scaled too.
 """
@@ -87,7 +87,7 @@ def ace(
     c_reduction: str = "sum",
     max_multiplier: float | None = None,
 ) -> Advantages:
-    """ACE (Xu et al. 2026, arXiv 2602.21420; ALGORITHMS.md §2): scale wrong completions'
+    """ACE (Xu et al. 2026, arXiv 2602.21420; docs/algorithms/reference.md §2): scale wrong completions'
     advantages by m = 1 + α·f(c), c the sampling-vs-reference sequence log-ratio.
 
     Works on ``[N]`` or ``[N, T]`` advantages (the multiplier is per completion). Needs ref logps

@@ -1,4 +1,4 @@
-"""Aggregations: per-token losses -> one scalar (ALGORITHMS.md §0.3).
+"""Aggregations: per-token losses -> one scalar (docs/algorithms/reference.md §0.3).
 
 The normaliser is computed once per optimizer step over every micro-batch and every rank and
 passed in, so the step loss and gradient do not depend on how the step is cut into micro-batches.

@@ -1,6 +1,6 @@
 """Token-level full-vocabulary KL between teacher and student next-token distributions, computed
 in vocabulary chunks so no ``[rows, vocab]`` temporary is ever built (PACED, arXiv 2603.11178;
-ALGORITHMS.md §7).
+docs/algorithms/reference.md §7).
 
 - ``forward``: KL(teacher ‖ student) = Σ_v p_t,v (log p_t,v − log p_s,v)
 - ``reverse``: KL(student ‖ teacher) = Σ_v p_s,v (log p_s,v − log p_t,v)

@@ -1,4 +1,4 @@
-"""Distillation objectives: REDI (ALGORITHMS.md §6) and PACED (§7). Pure tensor functions.
+"""Distillation objectives: REDI (docs/algorithms/reference.md §6) and PACED (§7). Pure tensor functions.
 
 - REDI: Xu et al. 2025, "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data
   for LLM Reasoning" (arXiv 2505.24850). Offline stage 2 on (prompt, correct trace y_w, wrong trace
@@ -37,7 +37,7 @@ def normalized_logp(logps: Tensor, mask: Tensor) -> Tensor:
 def redi_loss(
     pos_logps: Tensor, pos_mask: Tensor, neg_logps: Tensor, neg_mask: Tensor, alpha: float = 0.8
 ) -> tuple[Tensor, dict[str, float]]:
-    """REDI stage-2 loss (Xu et al. 2025, arXiv 2505.24850, Eq. of §3.2; ALGORITHMS.md §6).
+    """REDI stage-2 loss (Xu et al. 2025, arXiv 2505.24850, Eq. of §3.2; docs/algorithms/reference.md §6).
 
     ``pos_*`` / ``neg_*`` are per-token logps and masks ``[P, T]`` of the correct and the wrong
     trace of each of P pairs (same order). Returns the scalar
@@ -98,7 +98,7 @@ class PacedWeights:
 
 
 def paced_weights(pass_rates: Tensor, alpha: float = 1.0, beta: float = 1.0) -> PacedWeights:
-    """PACED per-problem weights (arXiv 2603.11178; ALGORITHMS.md §7), detached.
+    """PACED per-problem weights (arXiv 2603.11178; docs/algorithms/reference.md §7), detached.
 
     ``pass_rates`` ∈ [0, 1] are the student's own success rates (from its G rollouts). With the
     default α = β = 1 the weight peaks at p = 0.5 and mastered or hopeless problems get 0. When every
@@ -118,7 +118,7 @@ def paced_weights(pass_rates: Tensor, alpha: float = 1.0, beta: float = 1.0) -> 
 
 
 def paced_loss(token_kl: Tensor, mask: Tensor, weights: Tensor, total: float) -> Tensor:
-    """PACED's loss of a batch of sequences (arXiv 2603.11178; ALGORITHMS.md §7): Σ_i (w_i / total)·KL_i
+    """PACED's loss of a batch of sequences (arXiv 2603.11178; docs/algorithms/reference.md §7): Σ_i (w_i / total)·KL_i
     with KL_i the token mean of ``token_kl`` ``[N, T]`` over ``mask`` and ``weights`` ``[N]`` the raw
     w(p_i). ``total`` is Σ w over the whole optimizer step (every micro-batch, every rank), so the
     micro-batch losses add up to the step's; the caller skips a step whose total is 0."""

@@ -1,4 +1,4 @@
-"""Base advantage estimators (ALGORITHMS.md §0.1).
+"""Base advantage estimators (docs/algorithms/reference.md §0.1).
 
 Each is a pure function ``(rollouts, **params) -> Advantages`` with one value per completion,
 detached. Statistics are over whole groups; std is the unbiased sample std (ddof=1) plus eps; a

@@ -1,4 +1,4 @@
-"""Filters: modifiers that only drop completions from the loss (ALGORITHMS.md §0.4)."""
+"""Filters: modifiers that only drop completions from the loss (docs/algorithms/reference.md §0.4)."""
 from __future__ import annotations
 
 from dataclasses import replace

@@ -19,7 +19,7 @@ terms (KL, entropy) are added and before aggregation — where TRL's GRPOTrainer
 token keeps its place in the aggregation normaliser (weight 0, as in TRL). Defaults follow TRL's
 ``vllm_importance_sampling_clip_max`` = 3.0; level token + mode truncate is the blog's TIS.
 
-Pure tensor code (DESIGN.md §4); the trainer computes ``old_logps`` when the correction is on.
+Pure tensor code (docs/design.md §4); the trainer computes ``old_logps`` when the correction is on.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-token policy losses (ALGORITHMS.md §0.2), before aggregation.
+"""Per-token policy losses (docs/algorithms/reference.md §0.2), before aggregation.
 
 Each is ``(logps, rollouts, advantages, **params) -> LossOutput``; ``logps`` [N, T] carry the
 gradient. The ratio ρ = exp(logp − old_logp) is 1 in value when the batch is on-policy (no

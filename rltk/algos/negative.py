@@ -1,4 +1,4 @@
-"""PSR, NSR and W-REINFORCE: positive / negative sample reinforcement (ALGORITHMS.md §1).
+"""PSR, NSR and W-REINFORCE: positive / negative sample reinforcement (docs/algorithms/reference.md §1).
 
 Zhu et al. 2025, "The Surprising Effectiveness of Negative Reinforcement in LLM Reasoning"
 (arXiv 2506.01347; authors' code: github.com/TianHongZXY/RLVR-Decomposed). The RLVR objective with ±1 rewards
@@ -11,8 +11,8 @@ splits into a positive part (PSR: raise the likelihood of correct samples) and a
     w_reinforce   +λ          −1
 
 No group baseline and no std: the sign comes from the verifier's ``rollouts.correct`` (never from
-the possibly shaped rewards). ALGORITHMS.md's "a group of one has advantage 0" rule exists for
-baselines; these estimators have none, so a lone completion keeps its +1 / −1 / +λ.
+the possibly shaped rewards). The rule "a group of one has advantage 0" (docs/algorithms/reference.md §0)
+exists for baselines; these estimators have none, so a lone completion keeps its +1 / −1 / +λ.
 
 "Dropped" means ``Advantages.keep`` is False: the completion leaves the loss *and* the
 aggregation normaliser, which differs from a zero advantage under ``token_mean``. ``drop=False``

@@ -1,4 +1,4 @@
-"""Pairing sampler for Weighted GRPO (Sheng et al. 2026, arXiv 2602.03452; ALGORITHMS.md §4a).
+"""Pairing sampler for Weighted GRPO (Sheng et al. 2026, arXiv 2602.03452; docs/algorithms/reference.md §4a).
 
 The sampler probes candidate prompts with G rollouts of the current policy, keeps *hard but
 solvable* prompts q⁺ (1 ≤ successes ≤ c, from the hard pool) and *easy but brittle* prompts q⁻

@@ -1,4 +1,4 @@
-"""Name registries for the pluggable stage (DESIGN.md §4).
+"""Name registries for the pluggable stage (docs/design.md §4).
 
 A stage is selected by name in a recipe (``{name: grpo, scale: group}``) or, for user code, by an
 import path (``{name: "mypkg.mymod:fn"}``). Each stage declares what it ``needs`` so the trainer
@@ -43,7 +43,7 @@ class Stage:
     group_baseline: bool = False  # advantages: centred on the group, so a group of one gets 0 everywhere
     whole_groups: bool = False  # losses and terms: every micro-batch must hold whole groups
     # losses: fn(rollouts, **params) -> float [N] | None, the per-completion weights of the SFT term on
-    # the gold answer (ALGORITHMS.md §5); estimators declare theirs as Advantages.answer_sft_weights
+    # the gold answer (docs/algorithms/reference.md §5); estimators declare theirs as Advantages.answer_sft_weights
     answer_sft_weights: Callable[..., Any] | None = None
 
     @property
@@ -122,7 +122,7 @@ def register_loss(name: str, *, needs: Needs = (), whole_groups: bool = False,
 def register_term(name: str, *, needs: Needs = ()):
     """Register an extra term ``fn(logps, rollouts, advantages, **params) -> Tensor[N,T] | LossOutput``.
 
-    Terms are added to the per-token policy loss before aggregation (ALGORITHMS.md §0.4).
+    Terms are added to the per-token policy loss before aggregation (docs/algorithms/reference.md §0.4).
     """
     return _register("term", name, needs)
 
@@ -131,7 +131,7 @@ def register_aggregation(name: str, *, normalizer: Callable[..., Any]):
     """Register ``fn(per_token_loss, mask, normalizer) -> scalar``.
 
     ``normalizer(mask, max_completion_length) -> float`` is evaluated on the kept-completion mask of
-    the *whole* optimizer step on each rank and summed over ranks (ALGORITHMS.md §0.3); it must
+    the *whole* optimizer step on each rank and summed over ranks (docs/algorithms/reference.md §0.3); it must
     therefore be additive over rows.
     """
     return _register("aggregation", name, normalizer=normalizer)

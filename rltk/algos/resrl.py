@@ -1,4 +1,4 @@
-"""ResRL: negative-sample projection residual (ALGORITHMS.md §3).
+"""ResRL: negative-sample projection residual (docs/algorithms/reference.md §3).
 
 Lin et al. 2026, "ResRL" (arXiv 2605.00380; authors' code on verl 0.5). A token-level modifier:
 a wrong token whose hidden state lies inside the subspace spanned by the group's correct tokens
@@ -17,7 +17,7 @@ valid correct-completion tokens:
 5. Wrong tokens: Â = w·A. Correct completions (every group): Â = pos_weight·A. Wrong completions of
    groups that fail the condition keep A.
 
-Choices this module makes (ALGORITHMS.md leaves them open):
+Choices this module makes (docs/algorithms/reference.md §3 leaves them open):
 - "Valid" tokens are completion-mask tokens of completions that enter the loss
   (``Advantages.keep``); dropped completions neither build the subspace nor set the quantiles.
 - Groups are whole by the trainer's contract (the released code builds the subspace from
@@ -304,7 +304,7 @@ def resrl(
     pos_weight: float = 0.1,
     seed: int = 0,
 ) -> Advantages:
-    """ResRL (Lin et al. 2026, arXiv 2605.00380; ALGORITHMS.md §3, steps 1–5 in the module
+    """ResRL (Lin et al. 2026, arXiv 2605.00380; docs/algorithms/reference.md §3, steps 1–5 in the module
     docstring): shrink the penalty of wrong tokens that lie in the correct tokens' subspace.
 
     Reads ``rollouts.hidden`` [N, T, H] (layer ``layer``, a Python index into ``hidden_states``;

@@ -1,4 +1,4 @@
-"""Prompt samplers: which dataset prompts each RL step uses (DESIGN.md §4).
+"""Prompt samplers: which dataset prompts each RL step uses (docs/design.md §4).
 
 A sampler is a subclass of :class:`Sampler` built as ``cls(num_prompts, seed, **params)``; the
 trainer saves its state in every checkpoint so a resumed run sees the same prompts as an

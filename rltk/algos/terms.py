@@ -1,4 +1,4 @@
-"""Extra per-token terms added to the policy loss before aggregation (ALGORITHMS.md §0.4)."""
+"""Extra per-token terms added to the policy loss before aggregation (docs/algorithms/reference.md §0.4)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""GARL and PAFT: training on the Tsallis loss continuum (ALGORITHMS.md §5).
+"""GARL and PAFT: training on the Tsallis loss continuum (docs/algorithms/reference.md §5).
 
 Lin & Ie 2026, "How Fast Should a Model Commit to Supervision? Training Reasoning Models on the
 Tsallis Loss Continuum" (arXiv 2604.25907). No public code.
@@ -161,7 +161,7 @@ def _garl_metrics(gw: GroupWeights, values: Tensor, q: float) -> dict[str, float
 def garl(
     rollouts: Rollouts, *, q: float = 0.75, mode: str = "binary", weights: str = "correct"
 ) -> Advantages:
-    """GARL advantage (Lin & Ie 2026, arXiv 2604.25907; ALGORITHMS.md §5).
+    """GARL advantage (Lin & Ie 2026, arXiv 2604.25907; docs/algorithms/reference.md §5).
 
     A_m = (w_m/w̄^q − (w̄_¬m)^{1−q}) / M^q with w from ``mode`` (binary: correctness, or rewards
     clipped to [0, 1] with ``weights="reward"``; likelihood: exp(answer_logps)). q = 0 gives RLOO,
@@ -285,7 +285,7 @@ def paft(
     weights: str = "correct",
     seed: int = 0,
 ) -> LossOutput:
-    """PAFT posterior-resampled SFT (Lin & Ie 2026, arXiv 2604.25907; ALGORITHMS.md §5).
+    """PAFT posterior-resampled SFT (Lin & Ie 2026, arXiv 2604.25907; docs/algorithms/reference.md §5).
 
     Per-token loss −coef_m·logp with coef_m = count_m·w̄^{1−q}/M^q from :func:`paft_draw` (K = M
     draws per group, so M·count_m/K = count_m). Under ``seq_mean_token_sum`` (Σ over tokens /

@@ -1,4 +1,4 @@
-"""The tensors that flow through the advantage/loss stage (DESIGN.md §4).
+"""The tensors that flow through the advantage/loss stage (docs/design.md §4).
 
 `Rollouts` holds one row per completion; the completions of one prompt (a *group*) are
 contiguous and never split. `Advantages` is what estimators and modifiers return.
@@ -77,7 +77,7 @@ class Advantages:
     differs from zeroing under token_mean); ``None`` keeps all. ``metrics`` are logged by the
     trainer under the stage's name. ``answer_sft_weights`` ``[N]`` (detached), when an estimator
     sets it, weights the SFT term on the gold answer after each completion (GARL's pathwise term in
-    likelihood mode, ALGORITHMS.md §5); the pipeline carries it through modifiers that drop it.
+    likelihood mode, docs/algorithms/reference.md §5); the pipeline carries it through modifiers that drop it.
     """
 
     values: Tensor
@@ -119,7 +119,7 @@ class LossOutput:
 def group_stats(values: Tensor, group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per-row group mean, unbiased group std (ddof=1; 0 for a group of one) and group size.
 
-    Used by every group-baseline estimator (ALGORITHMS.md, notation).
+    Used by every group-baseline estimator (docs/algorithms/reference.md, notation).
     """
     values = values.double()
     ones = torch.ones_like(values)

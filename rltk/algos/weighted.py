@@ -1,4 +1,4 @@
-"""Weighted GRPO with positive–negative prompt pairing (ALGORITHMS.md §4b).
+"""Weighted GRPO with positive–negative prompt pairing (docs/algorithms/reference.md §4b).
 
 Sheng et al. 2026, "Beyond Variance: Prompt-Efficient RLVR via Rare-Event Amplification and
 Bidirectional Pairing" (arXiv 2602.03452). No public code.
@@ -17,7 +17,7 @@ z-scores ignore affine maps of binary rewards. Two readings are selectable:
   q⁻ failure carry the whole signal; the common outcomes (q⁺ failure, q⁻ success) get exactly 0.
   A pair whose outcomes are all equal (std 0; they are then all 0) gets 0 everywhere.
 
-  Revised (ALGORITHMS.md §4b, 2026-12): the first reading also subtracted the pair mean, which gave
+  Revised (docs/algorithms/reference.md §4b, 2026-12): the first reading also subtracted the pair mean, which gave
   the "0" outcomes −mean/std ≠ 0 — a q⁺ failure got a *positive* advantage when both prompts of a
   pair failed everywhere (+0.935 at G = 4), a q⁻ success a negative one when both succeeded
   everywhere. Without centring the sign of A is the sign of o, so a success never gets a negative
@@ -145,7 +145,7 @@ def weighted_grpo(
     neg_success: float = 1.0,
     neg_failure: float = 1.0,
 ) -> Advantages:
-    """Weighted GRPO advantage (Sheng et al. 2026, arXiv 2602.03452; ALGORITHMS.md §4b).
+    """Weighted GRPO advantage (Sheng et al. 2026, arXiv 2602.03452; docs/algorithms/reference.md §4b).
 
     ``scope="pair"``: A = o / (std_pair(o) + eps), the role outcomes o (q⁺: success 1, failure 0;
     q⁻: success 0, failure −``lam``) over their unbiased std across the (q⁺, q⁻) pair's 2G

@@ -1,4 +1,4 @@
-"""REDI's training data from verified traces (``rltk data pairs``; ALGORITHMS.md §6).
+"""REDI's training data from verified traces (``rltk data pairs``; docs/algorithms/reference.md §6).
 
 Xu et al. 2025 (arXiv 2505.24850) train in two stages on a teacher's verified traces: SFT on the
 correct ones, then the REDI objective on one correct and one wrong trace per prompt. This module

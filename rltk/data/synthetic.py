@@ -4,7 +4,7 @@ Made for a tiny character-level model trained on CPU, so questions and solutions
 only the characters in :data:`CHARSET`. Every problem belongs to a *family* (one question shape
 over a product of integer ranges); a difficulty level is a set of families:
 
-1. 2-digit addition, ``37+48=?`` (the calibrated quickstart task, DESIGN.md §9).
+1. 2-digit addition, ``37+48=?`` (the calibrated quickstart task, docs/design.md §9).
 2. 2-digit addition and subtraction, ``37-48=?`` (answers may be negative).
 3. 3-digit addition/subtraction (``374+528=?``) and 1-digit x 2-digit multiplication
    (``7*48=?``, ``48*7=?``, factors 2-9 and 10-99).

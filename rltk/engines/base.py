@@ -1,4 +1,4 @@
-"""The rollout engine interface (DESIGN.md §3): prompts in, G completions per prompt out.
+"""The rollout engine interface (docs/design.md §3): prompts in, G completions per prompt out.
 
 An engine returns one row per completion with the completions of a prompt contiguous, token ids
 right-padded, a completion mask that covers the EOS token, and truncation flags. Engines are picked

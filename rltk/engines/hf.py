@@ -1,7 +1,7 @@
 """The ``hf`` engine: batched sampling with transformers ``generate`` (the CPU path).
 
 Sampling runs under ``torch.no_grad()`` (not ``inference_mode``: its tensors cannot enter a later
-backward, DESIGN.md §9) on the unwrapped policy, so it always sees the current weights.
+backward, docs/design.md §9) on the unwrapped policy, so it always sees the current weights.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""pass@k, avg@n and maj@k from n sampled answers per problem (ALGORITHMS.md §9). Pure functions."""
+"""pass@k, avg@n and maj@k from n sampled answers per problem (docs/algorithms/reference.md §9). Pure functions."""
 
 from __future__ import annotations
 

@@ -33,7 +33,7 @@ PROTOCOL_KEYS = (
     "seed",
     "maj_method",
 )
-"""What every report records about how it was measured (ALGORITHMS.md §9)."""
+"""What every report records about how it was measured (docs/algorithms/reference.md §9)."""
 
 
 def _json_default(obj):

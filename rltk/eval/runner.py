@@ -2,7 +2,7 @@
 
 Problems are sharded over processes and the per-problem counts gathered on the main process,
 which writes ``report.json``, ``report.md``, ``passk.png`` and ``samples.jsonl``
-(ALGORITHMS.md §9). Sampling is seeded inside a forked RNG, so evaluating never changes the
+(docs/algorithms/reference.md §9). Sampling is seeded inside a forked RNG, so evaluating never changes the
 training run's random stream and the same seed gives the same numbers.
 """
 from __future__ import annotations

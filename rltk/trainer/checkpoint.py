@@ -1,4 +1,4 @@
-"""Checkpoints that survive a crash at any point (DESIGN.md §7).
+"""Checkpoints that survive a crash at any point (docs/design.md §7).
 
 Layout: ``<output_dir>/checkpoints/step-000010/`` holding ``state/`` (accelerate's ``save_state``:
 model, optimizer, scheduler and every rank's RNG), ``model/`` (an HF-format export with the

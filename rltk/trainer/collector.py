@@ -1,4 +1,4 @@
-"""The rollout collector (DESIGN.md §10, "Collector and optimizer apart"): prompts in, a scored
+"""The rollout collector (docs/design.md §10, "Collector and optimizer apart"): prompts in, a scored
 :class:`~rltk.trainer.batch.RolloutBatch` out — the sampler's prompts for this rank, generation,
 verification and rewards, the forwards the stages asked for, sampler→trainer importance weights,
 advantages and the batch's metrics. The optimizer loop (rltk/trainer/rl.py) only consumes batches.

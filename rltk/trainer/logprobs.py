@@ -2,7 +2,7 @@
 
 Sequences are ``prompt (left-padded) ⊕ completion (right-padded)``; position ids are derived from
 the attention mask (``cumsum − 1``), because a plain forward does not do so for left padding
-(DESIGN.md §9). The logits that predict completion token t sit at position P − 1 + t.
+(docs/design.md §9). The logits that predict completion token t sit at position P − 1 + t.
 """
 from __future__ import annotations
 

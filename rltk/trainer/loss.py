@@ -1,10 +1,10 @@
-"""The loss of one optimizer step as a sum of components (DESIGN.md §10): the policy loss with its
+"""The loss of one optimizer step as a sum of components (docs/design.md §10): the policy loss with its
 terms, the SFT term on the gold answer (GARL's pathwise term and PAFT in likelihood mode,
-ALGORITHMS.md §5) and PACED distillation (ALGORITHMS.md §7).
+docs/algorithms/reference.md §5) and PACED distillation (docs/algorithms/reference.md §7).
 
 Each component weighs its own tokens and divides by its own step-global normaliser, summed over
 every micro-batch of the optimizer step and over all ranks *before* any backward
-(ALGORITHMS.md §0.3), so the step's loss and gradient do not depend on how it is cut. Each
+(docs/algorithms/reference.md §0.3), so the step's loss and gradient do not depend on how it is cut. Each
 micro-batch loss is multiplied by the number of ranks, so DDP's gradient average yields the global
 sum. A component has three calls, made by ``RLTrainer.accumulate_gradients``:
 

@@ -1,4 +1,4 @@
-"""PACED distillation as a loss of the RL loop (arXiv 2603.11178; ALGORITHMS.md §7).
+"""PACED distillation as a loss of the RL loop (arXiv 2603.11178; docs/algorithms/reference.md §7).
 
 For each optimizer step, with p_g the pass rate of group g in this step's own rollouts and
 w_i = p_g^α(1 − p_g)^β for every completion i of g (:func:`rltk.algos.distill.paced_weights`):
@@ -7,7 +7,7 @@ w_i = p_g^α(1 − p_g)^β for every completion i of g (:func:`rltk.algos.distil
 
 The sums run over every completion of the optimizer step on every rank: Σ_i w_i is computed once
 per step and all-reduced before any backward, exactly as the token-mean normaliser is
-(ALGORITHMS.md §0.3), so the loss and gradient do not depend on micro-batching or the number of
+(docs/algorithms/reference.md §0.3), so the loss and gradient do not depend on micro-batching or the number of
 processes. A step whose weights are all 0 (every group at p = 0 or 1) contributes nothing and is
 counted. The KL direction follows ``schedule`` by optimizer step (:func:`paced_schedule`).
 """

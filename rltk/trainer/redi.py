@@ -1,7 +1,7 @@
 """REDI, reinforcement distillation from a teacher's correct and wrong traces: the stage-2 trainer.
 
 Xu et al. 2025, "Harnessing Negative Signals: Reinforcement Distillation from Teacher Data for LLM
-Reasoning" (arXiv 2505.24850; ALGORITHMS.md §6). Stage 2 minimises, over ``redi.data``, the mean over
+Reasoning" (arXiv 2505.24850; docs/algorithms/reference.md §6). Stage 2 minimises, over ``redi.data``, the mean over
 pairs of −log π(y_w|x)/|y_w| + α·log π(y_l|x)/|y_l| (:func:`rltk.algos.distill.redi_loss`; unpaired
 rows use :func:`redi_unpaired_loss`). The data are read and tokenised by :mod:`rltk.data.redi`; the
 command (stage 1, the SFT warm start, then this trainer, then evaluation) is

@@ -1,4 +1,4 @@
-"""The RL loop (DESIGN.md §3): sampler → rollout engine → rewards → requested forwards →
+"""The RL loop (docs/design.md §3): sampler → rollout engine → rewards → requested forwards →
 advantage pipeline → loss over micro-batches → optimizer step → metrics → evaluation → checkpoints.
 
 Batch semantics are stated in prompts: each rollout batch takes ``prompts_per_step`` prompts ×
@@ -6,7 +6,7 @@ Batch semantics are stated in prompts: each rollout batch takes ``prompts_per_st
 ``mini_batches`` optimizer steps (repeated ``ppo_epochs`` times), each cut into micro-batches of
 ``micro_batch_size`` completions. The aggregation normaliser of an optimizer step is summed over
 all its micro-batches and all ranks before any backward, so the step's loss and gradient do not
-depend on how it is cut (ALGORITHMS.md §0.3).
+depend on how it is cut (docs/algorithms/reference.md §0.3).
 """
 from __future__ import annotations
 

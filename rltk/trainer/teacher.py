@@ -1,4 +1,4 @@
-"""The teacher of PACED distillation (arXiv 2603.11178; ALGORITHMS.md §7): a separate frozen model,
+"""The teacher of PACED distillation (arXiv 2603.11178; docs/algorithms/reference.md §7): a separate frozen model,
 or the student itself reading a privileged prompt that holds the gold solution.
 
 The teacher reads the student's completion tokens after its own prompt (the student's prompt, or
