@@ -349,7 +349,8 @@ def check_recipe(recipe: Recipe, layout: LaunchLayout, *, explicit_processes: bo
         i = recipe.rollout.importance_sampling
         lines.append(f"vllm: {recipe.rollout.vllm.mode} mode; importance sampling "
                      + (f"{i.level}/{i.mode}, cap {i.cap:g}" if correction_enabled(recipe.rollout) else "off")
-                     + ("" if vllm_available() else "; vLLM is not installed on this machine (pip install 'rltk[vllm]')"))
+                     + ("" if vllm_available() else '; vLLM is not installed on this machine (from the rltk checkout: '
+                                                  'pip install -e ".[vllm]")'))
     return lines
 
 

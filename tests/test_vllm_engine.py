@@ -355,7 +355,7 @@ def test_missing_vllm_fails_before_any_model_loads(tmp_path, command):
                           timeout=240)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [f"rltk: error: {MISSING_VLLM}"]
-    assert "pip install 'rltk[vllm]'" in proc.stderr and proc.stdout == ""
+    assert 'pip install -e ".[vllm]"' in proc.stderr and proc.stdout == ""
     assert sorted(p.name for p in tmp_path.iterdir()) == ["vllm.yaml"]  # no run or eval directory written
 
 
@@ -368,7 +368,7 @@ def test_missing_vllm_in_library_calls_is_a_config_error(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rltk.trainer.rl, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
     recipe = build_recipe({"rollout": {"engine": "vllm"}, "trainer": {"output_dir": str(tmp_path / "run")}})
-    with pytest.raises(ConfigError, match=r"pip install 'rltk\[vllm\]'"):
+    with pytest.raises(ConfigError, match=r'pip install -e "\.\[vllm\]"'):
         RLTrainer(recipe)
     assert not (tmp_path / "run").exists()
 

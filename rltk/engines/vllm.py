@@ -38,8 +38,8 @@ import torch
 from rltk.schema import ConfigError, ModelConfig, RolloutConfig
 from rltk.engines.base import Generation, SamplingParams, pad_left, pad_right
 
-MISSING_VLLM = ("rollout.engine=vllm needs vLLM, which is not installed: pip install 'rltk[vllm]' "
-                "(CUDA machines only); or use rollout.engine=hf")
+MISSING_VLLM = ("rollout.engine=vllm needs vLLM, which is not installed: from the rltk checkout, "
+                'pip install -e ".[vllm]" (CUDA machines only); or use rollout.engine=hf')
 
 
 def vllm_available() -> bool:
