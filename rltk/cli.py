@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--launch", help="accelerate config YAML (default: the recipe's '# launch:' comment)")
     check.add_argument("--num-processes", type=int, help="training processes (overrides the launch config's)")
     check.add_argument("--gpu-memory-gb", type=float, default=80.0, help="memory of one GPU, GiB (default 80)")
+    check.add_argument("--print", action="store_true",
+                       help="first print the resolved recipe as YAML: its base: files merged, overrides applied")
 
     cmp_ = sub.add_parser("compare", help="run recipe variants on the same seed and data; one pass@k table and plot")
     _add_recipe_args(cmp_)
@@ -185,6 +187,14 @@ def _cmd_eval(args) -> int:
 def _cmd_check(args) -> int:
     from rltk.launch_check import check_recipe_file
 
+    if args.print:
+        import yaml
+
+        from rltk.validate import load_recipe
+
+        resolved = load_recipe(args.recipe, args.overrides).to_dict()
+        print(f"# {args.recipe}, resolved (base: files merged, overrides applied)")
+        print(yaml.safe_dump(resolved, sort_keys=False, width=120), end="")
     for line in check_recipe_file(args.recipe, args.overrides, launch=args.launch, num_processes=args.num_processes,
                                   gpu_memory_gb=args.gpu_memory_gb):
         print(line)

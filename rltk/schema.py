@@ -569,22 +569,64 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def load_recipe_data(path: str | Path) -> dict[str, Any]:
-    """The raw mapping of a YAML recipe file, with clear errors for missing or malformed files."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"recipe '{path}' does not exist")
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """The top-level mapping of one YAML file; ``what`` names the file in every error."""
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"recipe '{path}' is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        raise ConfigError(f"{what} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {type(data).__name__}")
+        raise ConfigError(f"{what} must be a mapping of sections, got {type(data).__name__}")
     return data
+
+
+def merge_recipe_data(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+    """``child`` deep-merged over ``base``: two mappings merge key by key, anything else (lists,
+    scalars, a mapping over a scalar) replaces. A stage entry that names another stage (``loss:
+    {name: paft, ...}`` over ``{name: ppo_clip, epsilon_low: 0.2}``) replaces the base's entry
+    whole, so one stage's parameters never leak into another; without a ``name`` it tunes the
+    base's stage."""
+    merged = dict(base)
+    for key, value in child.items():
+        old = merged.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and value.get("name", old.get("name")) == old.get("name"):
+            merged[key] = merge_recipe_data(old, value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_recipe_data(path: str | Path) -> dict[str, Any]:
+    """The raw mapping of a YAML recipe file, with clear errors for missing or malformed files.
+
+    A recipe may start from another: ``base: other.yaml`` (a path relative to the recipe file)
+    loads that recipe first, with its own ``base`` if it has one, and merges this file over it
+    (:func:`merge_recipe_data`). Overrides apply after the merge."""
+    return _load_with_bases(Path(path), ())
+
+
+def _load_with_bases(path: Path, children: tuple[Path, ...]) -> dict[str, Any]:
+    """``path``'s mapping over its bases; ``children`` are the files that named it, outermost first."""
+    what = f"base '{path}' of recipe '{children[-1]}'" if children else f"recipe '{path}'"
+    if not path.is_file():
+        raise ConfigError(f"{what} does not exist")
+    data = _read_mapping(path, what)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"recipe '{path}': base must be the path of another recipe file, relative to this one, "
+                          f"got {_shown(base)}")
+    base_path = path.parent / os.path.expanduser(base.strip())
+    chain = [*children, path]
+    if any(base_path.resolve() == p.resolve() for p in chain):
+        cycle = " -> ".join(str(p) for p in [*chain, base_path])
+        raise ConfigError(f"recipe '{chain[0]}': base cycle {cycle}; a recipe cannot be its own base")
+    return merge_recipe_data(_load_with_bases(base_path, tuple(chain)), data)
 
 
 def parse_recipe(data: dict[str, Any], overrides: list[str] = ()) -> Recipe:

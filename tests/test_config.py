@@ -240,3 +240,104 @@ def test_installed_tracker_is_accepted(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
     with pytest.raises(ConfigError, match="tracker 'wandb' is not installed; pip install wandb"):
         build_recipe({"logging": {"report_to": ["wandb"]}})
+
+
+# ------------------------------------------------------------------------------- base: inheritance
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_base_is_deep_merged_under_the_recipe(tmp_path):
+    """Mappings merge key by key; lists and scalars replace; a stage entry naming another stage
+    replaces the base's entry whole; the ``base`` key itself is gone from the merged data."""
+    from rltk.schema import load_recipe_data
+
+    _write(tmp_path / "base.yaml", """
+trainer: {steps: 40, lr: 1.0e-5, output_dir: runs/base}
+rollout: {group_size: 4, max_new_tokens: 16}
+algorithm:
+  advantage: [{name: grpo}, {name: zero_variance_filter}]
+  loss: {name: ppo_clip, epsilon_low: 0.2, epsilon_high: 0.2}
+  terms: [{name: kl, coef: 0.0}]
+eval: {ks: [1, 2, 4]}
+""")
+    child = _write(tmp_path / "child.yaml", """
+base: base.yaml
+trainer: {lr: 2.0e-5}
+algorithm:
+  advantage: [{name: nsr}]
+  loss: {epsilon_high: 0.28}
+  terms: []
+eval: {ks: [1]}
+""")
+    data = load_recipe_data(child)
+    assert "base" not in data
+    assert data["trainer"] == {"steps": 40, "lr": 2.0e-5, "output_dir": "runs/base"}  # merged key by key
+    assert data["rollout"] == {"group_size": 4, "max_new_tokens": 16}  # untouched section kept
+    assert data["algorithm"]["advantage"] == [{"name": "nsr"}]  # lists replace
+    assert data["algorithm"]["terms"] == [] and data["eval"]["ks"] == [1]
+    assert data["algorithm"]["loss"] == {"name": "ppo_clip", "epsilon_low": 0.2, "epsilon_high": 0.28}
+    other = _write(tmp_path / "other.yaml", "base: base.yaml\nalgorithm:\n  loss: {name: cispo, epsilon_max: 4.0}\n")
+    assert load_recipe_data(other)["algorithm"]["loss"] == {"name": "cispo", "epsilon_max": 4.0}  # no ppo_clip knobs
+    scalar = _write(tmp_path / "scalar.yaml", "base: base.yaml\nalgorithm: {loss: reinforce}\ntrainer: {output_dir: null}\n")
+    merged = load_recipe_data(scalar)
+    assert merged["algorithm"]["loss"] == "reinforce" and merged["trainer"]["output_dir"] is None
+    recipe = load_recipe(child)
+    assert (recipe.trainer.steps, recipe.trainer.lr, recipe.rollout.group_size) == (40, 2.0e-5, 4)
+
+
+def test_nested_bases_and_paths_relative_to_each_file(tmp_path):
+    from rltk.schema import load_recipe_data
+
+    _write(tmp_path / "shared" / "root.yaml", "trainer: {steps: 10, lr: 1.0e-5, seed: 1}\nrollout: {group_size: 4}\n")
+    _write(tmp_path / "shared" / "model.yaml", "base: root.yaml\ntrainer: {steps: 20}\n")  # relative to shared/
+    leaf = _write(tmp_path / "methods" / "leaf.yaml", "base: ../shared/model.yaml\ntrainer: {seed: 3}\n")
+    assert load_recipe_data(leaf) == {"trainer": {"steps": 20, "lr": 1.0e-5, "seed": 3}, "rollout": {"group_size": 4}}
+
+
+def test_overrides_apply_after_the_merge(tmp_path, capsys):
+    from rltk.cli import main
+
+    _write(tmp_path / "base.yaml", "trainer: {steps: 40, lr: 1.0e-5}\nrollout: {group_size: 4}\n"
+                                   "data: {max_prompt_length: 64}\n")  # + 32 new tokens fits the tiny model
+    child = _write(tmp_path / "child.yaml", "base: base.yaml\ntrainer: {lr: 2.0e-5}\n")
+    recipe = load_recipe(child, ["trainer.lr=3e-5", "rollout.group_size=6", "trainer.steps=8"])
+    assert (recipe.trainer.lr, recipe.rollout.group_size, recipe.trainer.steps) == (3e-5, 6, 8)
+    launch = _write(tmp_path / "ddp.yaml", "distributed_type: MULTI_GPU\nnum_processes: 1\n")
+    assert main(["check", str(child), "--launch", str(launch), "--print", "trainer.lr=4e-5"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out.split("\nrecipe: ")[0])
+    assert (printed["trainer"]["lr"], printed["trainer"]["steps"], printed["rollout"]["group_size"]) == (4e-5, 40, 4)
+
+
+@pytest.mark.parametrize("files, message", [
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: c.yaml\n", "c.yaml": "base: a.yaml\n"},
+     r"^recipe '.*a\.yaml': base cycle .*a\.yaml -> .*b\.yaml -> .*c\.yaml -> .*a\.yaml; a recipe cannot be its own base$"),
+    ({"a.yaml": "base: a.yaml\n"}, r"^recipe '.*a\.yaml': base cycle .*a\.yaml -> .*a\.yaml;"),
+    ({"a.yaml": "base: missing.yaml\n"}, r"^base '.*missing\.yaml' of recipe '.*a\.yaml' does not exist$"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "- 1\n- 2\n"},
+     r"^base '.*b\.yaml' of recipe '.*a\.yaml' must be a mapping of sections, got list$"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "trainer: [\n"}, r"^base '.*b\.yaml' of recipe '.*a\.yaml' is not valid YAML"),
+    ({"a.yaml": "base: [b.yaml]\n"},
+     r"^recipe '.*a\.yaml': base must be the path of another recipe file, relative to this one, got \['b\.yaml'\]$"),
+    ({"a.yaml": "base: null\n"}, r"^recipe '.*a\.yaml': base must be the path .* got None$"),
+    ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: 3\n"}, r"^recipe '.*b\.yaml': base must be the path .* got 3$"),
+])
+def test_bad_bases_fail_with_one_line_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        _write(tmp_path / name, text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_recipe(tmp_path / "a.yaml")
+    assert "\n" not in str(info.value)
+
+
+def test_cli_bad_base_exits_2_with_one_line(tmp_path):
+    recipe = _write(tmp_path / "r.yaml", "base: nowhere.yaml\ntrainer: {steps: 1}\n")
+    proc = subprocess.run([sys.executable, "-m", "rltk", "check", str(recipe)], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"rltk: error: base '{tmp_path / 'nowhere.yaml'}' of recipe '{recipe}' "
+                                                "does not exist"]
