@@ -5,7 +5,7 @@
   ``Generation``, one sync hook per optimizer step over two real trainer steps on the tiny model.
 - trl's real ``VLLMGeneration`` runs with a fake ``vllm.LLM`` (colocate: wake/sleep order, weights
   loaded) and a fake ``VLLMClient`` (server mode: URL, ports, timeout, sampling arguments).
-- Missing vLLM: ``rltk train``/``rltk eval`` fail with one line naming ``rltk[vllm]``, exit 2,
+- Missing vLLM: ``rltk train``/``rltk eval`` fail with one line naming ``pip install -e ".[vllm]"``, exit 2,
   before any model loads and without writing anything.
 """
 from __future__ import annotations
