@@ -1,4 +1,4 @@
-"""The recipe schema (DESIGN.md §5): typed sections, conversion of plain data, dotted overrides
+"""The recipe schema (docs/design.md §5): typed sections, conversion of plain data, dotted overrides
 and YAML loading. The ground floor: it imports nothing of rltk.
 
 A recipe is a YAML mapping with the sections of :class:`Recipe`. Every field is documented where
@@ -53,7 +53,7 @@ class LoraConfig:
 class TinyModelConfig:
     """The built-in tiny Qwen2 model, used when ``model.name_or_path`` is ``tiny``.
 
-    Defaults are the calibrated ones of DESIGN.md §9 (0.53M parameters, learns 2-digit addition)."""
+    Defaults are the calibrated ones of docs/design.md §9 (0.53M parameters, learns 2-digit addition)."""
 
     hidden_size: int = 128
     num_layers: int = 2
@@ -154,7 +154,7 @@ class RolloutConfig:
 
 @dataclass
 class PacedConfig:
-    """PACED distillation in the RL loop (arXiv 2603.11178; ALGORITHMS.md §7; docs/algorithms/paced.md):
+    """PACED distillation in the RL loop (arXiv 2603.11178; docs/algorithms/reference.md §7; docs/algorithms/paced.md):
     coef · Σ_i w(p_i)·KL_i / Σ_i w(p_i) over the step's completions, KL_i the token mean of the
     full-vocabulary KL to ``teacher`` and w(p) = p^α(1 − p)^β from the group's pass rate p."""
 
@@ -293,7 +293,7 @@ class LoggingConfig:
 
 @dataclass
 class RediConfig:
-    """REDI stage 2 (``rltk redi``; Xu et al. 2025, arXiv 2505.24850; ALGORITHMS.md §6): raise the
+    """REDI stage 2 (``rltk redi``; Xu et al. 2025, arXiv 2505.24850; docs/algorithms/reference.md §6): raise the
     length-normalised log-likelihood of correct traces and lower α × that of wrong ones, with no
     reference model. Stage 1 is the ``sft`` section, run first when ``sft.enabled``.
 
