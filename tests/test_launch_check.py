@@ -1,6 +1,7 @@
-"""`rltk check`: every real-model recipe passes its dry run with its intended launch config, and
-malformed recipe × launch combinations fail with one line. Nothing is downloaded: models are known by
-name, datasets are never opened. Also checks launch/vllm_server.sh against the config keys.
+"""`rltk check`: every shipped recipe (quickstart and real-model; bases are no recipes) passes its dry
+run with its intended launch config, and malformed recipe × launch combinations fail with one line.
+Nothing is downloaded: models are known by name, datasets are never opened. Also checks
+launch/vllm_server.sh against the config keys.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import yaml
 from rltk.schema import ConfigError
 
 from rltk.validate import build_recipe, load_recipe
-from rltk.launch_check import check_recipe, check_recipe_file, intended_launch, read_launch_config
+from rltk.launch_check import KNOWN_MODELS, check_recipe, check_recipe_file, intended_launch, read_launch_config
+from tests.test_recipes import ALL_RECIPES, REAL_MODEL_RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL = sorted([*(ROOT / "recipes" / "qwen2.5-math-1.5b").glob("*.yaml"), *(ROOT / "recipes" / "qwen2.5-math-7b").glob("*.yaml")])
+REAL = [p for p in REAL_MODEL_RECIPES if p.parent.name in ("qwen2.5-math-1.5b", "qwen2.5-math-7b")]
 METHODS = ["grpo", "dr_grpo", "psr", "nsr", "w_reinforce", "ace_grpo", "ace_dapo", "resrl", "weighted_grpo", "garl",
            "paft"]
 EVAL_SETS = {"math500": "HuggingFaceH4/MATH-500", "aime24": "HuggingFaceH4/aime_2024", "aime25": "yentinglin/aime_2025",
@@ -49,11 +51,21 @@ def test_every_method_has_a_recipe_for_both_models():
         assert not missing, f"{model}: {missing}"
 
 
+@pytest.mark.parametrize("path", ALL_RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_recipe_passes_its_dry_run(path):
+    """What `rltk check RECIPE` runs, with the launch config the recipe's `# launch:` line names."""
+    launch, processes = _launch_for(path)
+    lines = check_recipe_file(path, launch=str(launch), num_processes=processes)
+    assert lines[0] == f"recipe: {path}" and lines[1].startswith(f"launch: {launch} (")
+    assert any(line.startswith("memory: ") for line in lines) and any(line.startswith("context: ") for line in lines)
+    if load_recipe(path).model.name_or_path in KNOWN_MODELS:  # every Hub model the recipes name
+        assert "memory: about " in " ".join(lines)  # ... has its memory estimated, not skipped
+
+
 @pytest.mark.parametrize("path", REAL, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_real_recipe_passes_its_dry_run(path, tmp_path):
     launch, processes = _launch_for(path)
     lines = check_recipe_file(path, launch=str(launch), num_processes=processes)
-    assert any(line.startswith("memory: ") for line in lines) and any(line.startswith("context: ") for line in lines)
     recipe = load_recipe(path)
     assert recipe.rollout.engine == "vllm"
     if path.stem in METHODS:  # the RL recipes: HF ids for training and every eval set

@@ -2,8 +2,10 @@
 
 Also pins what the recipes promise: the quickstart variants are ``grpo.yaml`` with only the
 ``algorithm`` section changed (so ``rltk compare`` runs are apples-to-apples, and a variant file
-trains exactly what the named ``--variants`` preset trains), and the paper recipes carry the
-hyperparameters stated in ``docs/algorithms/{nsr,ace,resrl}.md``.
+trains exactly what the named ``--variants`` preset trains), the paper recipes carry the
+hyperparameters stated in ``docs/algorithms/{nsr,ace,resrl}.md``, and each real-model recipe is its
+directory's ``base.yaml`` (or ``*_base.yaml``) plus only what differs. A base is not a recipe: the
+tests that iterate over recipes skip it.
 """
 from __future__ import annotations
 
@@ -11,15 +13,25 @@ import inspect
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rltk.algos.pipeline import AlgorithmPipeline
-from rltk.schema import Recipe, load_recipe_data
+from rltk.schema import Recipe, flatten_keys, load_recipe_data
 from rltk.validate import build_recipe, load_recipe
 from rltk.workflows import variant_data
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
-ALL_RECIPES = sorted(RECIPES.rglob("*.yaml"))
+
+
+def is_base(path: Path) -> bool:
+    """A base of other recipes (``base.yaml``, ``redi_base.yaml``), not a recipe of its own."""
+    return path.stem == "base" or path.stem.endswith("_base")
+
+
+BASES = sorted(p for p in RECIPES.rglob("*.yaml") if is_base(p))
+ALL_RECIPES = sorted(p for p in RECIPES.rglob("*.yaml") if not is_base(p))
+REAL_MODEL_RECIPES = [p for p in ALL_RECIPES if p.parent.name != "quickstart"]
 QUICKSTART_VARIANTS = ["psr", "nsr", "w_reinforce", "ace", "resrl"]
 PAPER_RECIPES = [
     "qwen2.5-math-7b/psr.yaml",
@@ -76,6 +88,30 @@ def test_recipe_loads_and_validates(path):
     assert isinstance(recipe, Recipe)
     first = path.read_text().splitlines()[0]
     assert first.startswith("# "), f"{_id(path)}: start with a one-line comment saying what the recipe is"
+
+
+# ------------------------------------------------------------------------------- bases
+
+
+@pytest.mark.parametrize("path", REAL_MODEL_RECIPES, ids=_id)
+def test_real_model_recipe_holds_only_what_differs_from_its_base(path):
+    """Each real-model method file names a base and sets no key to the value its base already gives
+    it, so the file reads as the method's choices; the base's own values are documented there."""
+    own = yaml.safe_load(path.read_text())
+    assert isinstance(own.get("base"), str), f"{_id(path)}: start from the directory's base with 'base: base.yaml'"
+    base = flatten_keys(load_recipe_data(path.parent / own.pop("base")))
+    repeated = {k: v for k, v in flatten_keys(own).items() if k in base and base[k] == v}
+    assert not repeated, f"{_id(path)} repeats what its base sets: {repeated}"
+
+
+def test_every_base_is_used_and_is_no_recipe_of_its_own():
+    named = {(p.parent / yaml.safe_load(p.read_text())["base"]).resolve() for p in REAL_MODEL_RECIPES}
+    assert BASES and set(BASES) <= named, sorted(_id(b) for b in set(BASES) - named)
+    for base in BASES:
+        text = base.read_text()
+        header = " ".join(line.lstrip("# ") for line in text.splitlines() if line.startswith("#"))
+        assert "not a recipe by itself" in header, f"{_id(base)}: say in its header comment that it is a base"
+        assert "\n# launch:" not in text and "output_dir" not in yaml.safe_load(text).get("trainer", {}), _id(base)
 
 
 # ------------------------------------------------------------------------------- quickstart
