@@ -27,6 +27,11 @@ TINY_TOKENIZER_VERSION = 2  # 2: Qwen2 byte-level BPE without merges (1 dropped 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+def torch_dtype(name: str):
+    """``model.dtype`` as ``from_pretrained`` takes it (a torch dtype, or "auto")."""
+    return _DTYPES[name]
+
+
 def build_char_tokenizer(charset: str):
     """A character-level tokenizer: one token per character of ``charset`` plus pad/eos/unk.
 
@@ -146,7 +151,7 @@ def load_model(name_or_path: str, cfg: ModelConfig, *, trainable: bool = True):
     from rltk.precision import check_master_weights, trainable_load_dtype
 
     dtype = trainable_load_dtype(cfg) if trainable else cfg.dtype
-    kwargs = {"dtype": _DTYPES[dtype], "trust_remote_code": cfg.trust_remote_code}
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if cfg.lora is not None and cfg.lora.load_in_4bit:

@@ -92,8 +92,10 @@ class DataConfig:
     extract_boxed_answer: bool = False  # answer_field holds a solution; take its last \boxed{}
     template: str = "builtin"  # a name in rltk.data.templates.TEMPLATES or a string with {question}
     answer_template: str = "\\boxed{{{answer}}}"  # how a gold answer is written (GARL likelihood mode)
-    chat_template: bool = False  # wrap prompts with the tokenizer's chat template
-    system_prompt: Union[str, None] = None
+    chat_template: bool = False  # wrap prompts with the tokenizer's chat template (conversational prompts always are)
+    # extra arguments of tokenizer.apply_chat_template, e.g. {enable_thinking: false} for Qwen3
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    system_prompt: Union[str, None] = None  # a system turn (chat) or first line; conversational rows may hold their own
     num_train: Union[int, None] = None  # cap on training prompts (None: all / built-in default)
     num_test: Union[int, None] = 200  # held-out prompts for periodic and final evaluation
     # Rows carved out of the training split and evaluated on instead, when the source has no test split
@@ -207,8 +209,19 @@ class TeacherConfig:
 
 @dataclass
 class RewardSpec:
-    name: str  # "math", "format", or an import path to a TRL-style reward function
+    """One reward: a function (``name``) or a reward model (``model``), exactly one of the two.
+    Functions are called as TRL's GRPOTrainer calls them (docs/recipes.md, "Reward functions")."""
+
+    name: Union[str, None] = None  # "math", "format", or an import path "pkg.module:function"
+    model: Union[str, None] = None  # a sequence-classification reward model: local directory or Hub id
     weight: float = 1.0
+    kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the function
+    batch_size: int = 16  # reward model: (prompt, completion) pairs scored per forward
+
+    @property
+    def label(self) -> str:
+        """The name metrics and errors use: the function's name, or ``model:<path>``."""
+        return self.name if self.name is not None else f"model:{self.model}"
 
 
 @dataclass
@@ -289,6 +302,10 @@ class LoggingConfig:
     report_to: list[str] = field(default_factory=list)  # tensorboard, wandb, trackio
     project: str = "rltk"
     progress: bool = True  # live progress bar
+    # every N rollout batches, the main process's first log_completions_rows sampled completions (prompt,
+    # completion, each reward, advantage) go to <output_dir>/completions.jsonl and a tracker table (0 = off)
+    log_completions_every: int = 0
+    log_completions_rows: int = 16
 
 
 @dataclass
@@ -374,6 +391,8 @@ def _type_name(tp: Any) -> str:
         return " | ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "mapping"
     if tp is type(None):
         return "null"
     if dataclasses.is_dataclass(tp):
@@ -409,6 +428,11 @@ def convert_value(value: Any, tp: Any, where: str) -> Any:
             raise _type_error(where, value, tp)
         (item,) = typing.get_args(tp)
         return [convert_value(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise _type_error(where, value, tp)
+        _, item = typing.get_args(tp)
+        return {k: convert_value(v, item, f"{where}.{k}") for k, v in value.items()}
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise _type_error(where, value, tp)
@@ -657,3 +681,5 @@ def expand_user_paths(recipe: Recipe) -> None:
     recipe.redi.data, recipe.redi.sft_data = expand(recipe.redi.data), expand(recipe.redi.sft_data)
     for s in recipe.eval.sets:
         s.source = expand(s.source)
+    for reward in recipe.rewards:
+        reward.model = expand(reward.model)

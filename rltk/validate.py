@@ -430,12 +430,28 @@ def _validate_paced(recipe: Recipe) -> None:
 
 
 def _validate_rewards(recipe: Recipe) -> None:
-    from rewards.registry import get_reward_function
+    """Each reward is a function that can be called as TRL calls it, or a reward model that exists;
+    labels (metric names) are unique."""
+    from rewards.registry import load_reward_function
 
     if not recipe.rewards:
         raise ConfigError("rewards: list at least one reward function, e.g. [{name: math}]")
     for i, spec in enumerate(recipe.rewards):
+        if (spec.name is None) == (spec.model is None):
+            raise ConfigError(f"rewards[{i}]: give exactly one of name (a reward function) or model (a reward model), "
+                              f"got {'both' if spec.name else 'neither'}")
+        _refuse_non_finite(spec.weight, f"rewards[{i}].weight")
+        if spec.model is not None:
+            if spec.kwargs:
+                raise ConfigError(f"rewards[{i}].kwargs: only reward functions take kwargs, not model {spec.model!r}")
+            _positive(spec.batch_size, f"rewards[{i}].batch_size")
+            if spec.model.startswith((".", "/", "~")) and not Path(spec.model).expanduser().is_dir():
+                raise ConfigError(f"rewards[{i}].model: reward model directory '{spec.model}' does not exist")
+            continue
         try:
-            get_reward_function(spec.name)
+            load_reward_function(spec.name, spec.weight, spec.kwargs)
         except ValueError as exc:
             raise ConfigError(f"rewards[{i}]: {exc}") from None
+    labels = [spec.label for spec in recipe.rewards]
+    if len(set(labels)) != len(labels):
+        raise ConfigError(f"rewards: each reward may appear once (its metrics are named after it), got {labels}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from rltk.algos.samplers import Sampler
 from rltk.algos.types import Advantages, LossOutput, Rollouts
 
 
@@ -40,7 +41,7 @@ def bad_keep_modifier(rollouts: Rollouts, advantages: Advantages) -> Advantages:
 
 def estimator_failing_from_step_2(rollouts: Rollouts) -> Advantages:
     """Works on the load-time check batch and on step 1; raises on the batch of step 2."""
-    if rollouts.extra.get("step", 0) >= 1:
+    if rollouts.step >= 1:
         raise KeyError("missing_column")
     return Advantages(rollouts.rewards - rollouts.rewards.mean())
 
@@ -65,7 +66,7 @@ def raising_term(logps: torch.Tensor, rollouts: Rollouts, advantages: Advantages
 
 def loss_failing_from_step_2(logps: torch.Tensor, rollouts: Rollouts, advantages: Advantages) -> torch.Tensor:
     """Works on the load-time check batch and on step 1; raises on step 2."""
-    if rollouts.extra.get("step", 0) >= 1:
+    if rollouts.step >= 1:
         raise StageBug("division by a zero-length group")
     return -advantages.per_token(logps.shape[1]) * logps
 
@@ -86,7 +87,7 @@ nan_normalizer_aggregation.normalizer = lambda mask, max_len: "many"
 
 
 # ---------------------------------------------------------------- samplers
-class RaisingSampler:
+class RaisingSampler(Sampler):
     """Constructs fine; ``next_indices`` raises."""
 
     def __init__(self, num_prompts: int, seed: int):
@@ -142,3 +143,13 @@ def reward_failing_from_call_2(completions, **columns):
     if CALLS["count"] >= 2:
         raise ConnectionError("reward server unreachable")
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+class NotASampler:
+    """Has the methods, but is no rltk.algos.Sampler: refused when the recipe loads."""
+
+    def __init__(self, num_prompts: int, seed: int):
+        self.num_prompts = num_prompts
+
+    def next_indices(self, n: int) -> list[int]:
+        return list(range(n))

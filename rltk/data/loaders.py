@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,21 @@ class MissingSplitError(DataError):
         self.split, self.available = split, list(available)
 
 
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+
+
 @dataclass(frozen=True)
 class Example:
+    """One problem. ``question`` is the prompt text (for a conversational prompt: its last user turn);
+    ``messages`` the conversational prompt itself (TRL's ``[{role, content}, ...]``), or None for a
+    standard one; ``columns`` every other column of the row, passed to reward functions."""
+
     id: str
     question: str
     answer: str
     solution: str | None = None
+    messages: tuple[dict[str, str], ...] | None = None
+    columns: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 @dataclass(frozen=True)
@@ -227,6 +236,27 @@ def _clean_answer(value: Any, extract_boxed: bool) -> str | None:
     return answer or None
 
 
+def conversational_prompt(value: Any, where: str) -> tuple[tuple[dict[str, str], ...], str] | None:
+    """A TRL conversational prompt (a list of ``{"role", "content"}`` messages) as (messages, text of
+    its last user turn); None when ``value`` is not a list. A message that is not a mapping with a
+    known role and string content is a :class:`DataError` naming ``where`` and the message."""
+    if not isinstance(value, list):
+        return None
+    messages = []
+    for k, message in enumerate(value):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in MESSAGE_ROLES:
+            shown = repr(role if isinstance(message, dict) else message)[:60]
+            raise DataError(f"{where}: prompt message {k} has role {shown}; a conversational prompt holds "
+                            f"{{role, content}} messages with role one of {', '.join(MESSAGE_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{where}: prompt message {k} ({role}) has content of type "
+                            f"{type(message.get('content')).__name__}; expected text")
+        messages.append({"role": role, "content": message["content"]})
+    users = [m["content"] for m in messages if m["role"] == "user"]
+    return tuple(messages), users[-1] if users else ""
+
+
 def _rows_to_examples(
     table, source: str, split: str, fields: dict[str, str | None], num_examples: int | None, extract_boxed: bool
 ) -> tuple[list[Example], LoadStats]:
@@ -234,6 +264,7 @@ def _rows_to_examples(
     columns = {role: table[name][:] if name else None for role, name in fields.items()}
     questions, answers = columns["prompt_field"], columns["answer_field"]
     solutions, ids = columns["solution_field"], columns["id_field"]
+    others = {name: table[name][:] for name in table.column_names if name != fields["prompt_field"]}
     examples: list[Example] = []
     rows = no_answer = bad_prompt = 0
     for i in range(len(table)):
@@ -241,6 +272,10 @@ def _rows_to_examples(
             break
         rows += 1
         question, answer = questions[i], _clean_answer(answers[i], extract_boxed)
+        conversation = conversational_prompt(question, f"{source} ({split}) row {i}")
+        messages = None
+        if conversation is not None:
+            messages, question = conversation
         if not isinstance(question, str) or not question.strip():
             bad_prompt += 1
         elif answer is None:
@@ -252,6 +287,8 @@ def _rows_to_examples(
                     question=question,
                     answer=answer,
                     solution=None if solutions is None or solutions[i] is None else str(solutions[i]),
+                    messages=messages,
+                    columns={name: values[i] for name, values in others.items()},
                 )
             )
     return examples, LoadStats(source, split, rows, len(examples), no_answer, bad_prompt)
@@ -333,7 +370,8 @@ def load_examples(
     - anything else: a Hugging Face Hub dataset, ``datasets.load_dataset(source, subset, split=split)``.
 
     For files and Hub datasets, ``prompt_field``/``answer_field`` name the question and answer
-    columns, ``solution_field``/``id_field`` optional ones (ids default to ``"<split>-<row>"``).
+    columns (the prompt may be TRL's conversational format, a list of ``{role, content}`` messages;
+    every other column is kept in ``Example.columns`` for reward functions), ``solution_field``/``id_field`` optional ones (ids default to ``"<split>-<row>"``).
     ``extract_boxed_answer=True`` reads the answer as the last balanced ``\\boxed{...}`` of the
     ``answer_field`` text (e.g. MATH's ``solution`` column). Answers become strings; rows with no
     answer or a non-string/empty prompt are skipped and counted (warning + :class:`LoadStats`).

@@ -91,15 +91,28 @@ def check_heldout(cfg: DataConfig, train: list[Example], test: list[Example]) ->
 
 
 def build_prompts(examples: list[Example], cfg: DataConfig, tokenizer) -> list[str]:
-    """Prompt text of every example with the recipe's template and chat settings."""
-    if cfg.chat_template and getattr(tokenizer, "chat_template", None) is None:
-        raise ConfigError("data.chat_template: the tokenizer has no chat template; set data.chat_template=false "
-                          "or use a chat model")
-    return [
-        format_prompt(e.question, cfg.template, tokenizer=tokenizer, chat_template=cfg.chat_template,
-                      system_prompt=cfg.system_prompt)
-        for e in examples
-    ]
+    """Prompt text of every example: a conversational prompt through the tokenizer's chat template
+    (after ``data.system_prompt`` when the row has no system turn of its own), a standard one filled
+    into ``data.template`` (and wrapped in the chat template with ``data.chat_template``); both with
+    ``data.chat_template_kwargs``."""
+    conversational = any(e.messages is not None for e in examples)
+    if (cfg.chat_template or conversational) and getattr(tokenizer, "chat_template", None) is None:
+        why = "the dataset's prompts are conversational (lists of messages)" if conversational else \
+            "data.chat_template is true"
+        raise ConfigError(f"{why}, but the tokenizer has no chat template; use a chat model's tokenizer"
+                          + ("" if conversational else " or set data.chat_template=false"))
+    prompts = []
+    for e in examples:
+        if e.messages is None:
+            prompts.append(format_prompt(e.question, cfg.template, tokenizer=tokenizer, chat_template=cfg.chat_template,
+                                         system_prompt=cfg.system_prompt, **cfg.chat_template_kwargs))
+            continue
+        messages = list(e.messages)
+        if cfg.system_prompt is not None and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": cfg.system_prompt})
+        prompts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                                     **cfg.chat_template_kwargs))
+    return prompts
 
 
 MIN_CHARS_PER_TOKEN_BOUND = 64  # floor of the characters-per-token bound of drop_long_prompts

@@ -96,7 +96,8 @@ def _texts(table: RediTable, where: str, row: dict[str, Any], tokenizer, recipe:
 
             d = recipe.data
             example["prompt"] = format_prompt(example["prompt"], d.template, tokenizer=tokenizer,
-                                              chat_template=d.chat_template, system_prompt=d.system_prompt)
+                                              chat_template=d.chat_template, system_prompt=d.system_prompt,
+                                              **d.chat_template_kwargs)
         return example
     except (DataError, ValueError, KeyError, TypeError) as exc:  # e.g. a tokenizer without a chat template
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

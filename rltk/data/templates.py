@@ -42,13 +42,14 @@ def format_prompt(
     tokenizer=None,
     chat_template: bool = False,
     system_prompt: str | None = None,
+    **chat_template_kwargs,
 ) -> str:
     """Fill ``template`` (a name in :data:`TEMPLATES` or a custom ``{question}`` string).
 
     With ``chat_template=True`` the filled text becomes the user turn of
-    ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True)``, after an
-    optional system turn. Without a chat template, ``system_prompt`` (if any) is prepended on its
-    own line.
+    ``tokenizer.apply_chat_template(..., tokenize=False, add_generation_prompt=True,
+    **chat_template_kwargs)`` (e.g. ``enable_thinking=False``), after an optional system turn.
+    Without a chat template, ``system_prompt`` (if any) is prepended on its own line.
     """
     text = _fill(template, question)
     if not chat_template:
@@ -57,4 +58,4 @@ def format_prompt(
         raise ValueError("chat_template=True needs a tokenizer")
     messages = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
     messages.append({"role": "user", "content": text})
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **chat_template_kwargs)

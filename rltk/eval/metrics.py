@@ -134,3 +134,10 @@ def summarize(per_problem: Sequence[dict], ks: Sequence[int], *, seed: int = 0) 
         }
         summary["maj_method"] = maj_method(seed=seed)
     return summary
+
+
+def logged_metrics(summary: dict) -> dict[str, float]:
+    """An evaluation summary as the training metrics log names it: ``eval/pass@k`` and ``eval/avg@n``."""
+    out = {f"eval/pass@{k}": v for k, v in summary["pass@k"].items()}
+    out["eval/avg@n"] = summary["avg@n"]
+    return out

@@ -10,6 +10,7 @@ an earlier step, as long as it tags the batch with that step.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -24,9 +25,9 @@ from rltk.algos.types import Advantages, Rollouts
 from rltk.describe import describe_exception
 from rltk.engines.base import SamplingParams, rank_shard
 from rltk.io import atomic_write_json
-from rltk.schema import Recipe
+from rltk.schema import ConfigError, Recipe
 from rltk.trainer.answers import answer_logps, build_answer_batch
-from rltk.trainer.batch import RolloutBatch, add_requested_forwards, combine_rewards
+from rltk.trainer.batch import RewardCall, RolloutBatch, add_requested_forwards, score_rewards
 from rltk.trainer.distributed import generation_session
 from rltk.trainer.logprobs import HeadOptions, TokenBatch
 
@@ -147,9 +148,10 @@ class RolloutCollector:
         start = time.perf_counter()
         answers = [e.answer for e in examples for _ in range(r.group_size)]
         verdicts = self.verifier.score(generation.texts, answers)
-        columns = {"answer": answers, "question": [e.question for e in examples for _ in range(r.group_size)]}
-        rewards, missing = combine_rewards(generation.texts, columns, verdicts, self.reward_fns)
+        rewards, per_reward, missing = score_rewards(self.reward_call(examples, prompts, generation), verdicts,
+                                                     self.reward_fns)
         timings["time/score"] = time.perf_counter() - start
+        timings.update(reward_metrics(per_reward))
         self.counters["reward_none"] += missing
         tokens = TokenBatch(generation.prompt_ids, generation.prompt_mask, generation.completion_ids,
                             generation.completion_mask)
@@ -189,7 +191,61 @@ class RolloutCollector:
             teacher_tokens = self.paced.teacher_tokens(tokens, examples, prompts, r.group_size)
             metrics.update(self.paced.batch_metrics(rollouts))
         return RolloutBatch(tokens, rollouts, advantages, generation.texts, metrics, answer_batch, answer_sft,
-                            teacher_tokens)
+                            teacher_tokens, prompts=[p for p in prompts for _ in range(r.group_size)],
+                            rewards_by_function=per_reward)
+
+    def reward_call(self, examples, prompts: list[str], generation) -> RewardCall:
+        """The keyword arguments of every reward function for this batch (TRL's contract)."""
+        from transformers import TrainerState
+
+        g = self.recipe.rollout.group_size
+        chat = [e.messages is not None for e in examples for _ in range(g)]
+        rows = [reward_columns(e) for e in examples for _ in range(g)]
+        names = {name for row in rows for name in row}
+        return RewardCall(
+            prompts=[list(e.messages) if e.messages is not None else p for e, p in zip(examples, prompts)
+                     for _ in range(g)],
+            completions=[[{"role": "assistant", "content": text}] if c else text
+                         for text, c in zip(generation.texts, chat)],
+            completion_ids=[ids[mask.bool()].tolist() for ids, mask in zip(generation.completion_ids,
+                                                                              generation.completion_mask)],
+            columns={name: [row.get(name) for row in rows] for name in sorted(names)},
+            trainer_state=TrainerState(global_step=self.step, max_steps=self.recipe.trainer.steps))
+
+
+def reward_columns(example) -> dict[str, Any]:
+    """The dataset columns a reward function gets for ``example``'s row: every column but the prompt,
+    rltk's gold ``answer`` and the ``question`` text, and the worked ``solution`` when the data has
+    one and no column of that name."""
+    columns = {**example.columns, "answer": example.answer, "question": example.question}
+    if example.solution is not None:
+        columns.setdefault("solution", example.solution)
+    return columns
+
+
+def check_reward_columns(reward_fns, example) -> None:
+    """Every reward function finds the dataset columns it needs (its required parameters rltk does not
+    pass itself) in the rows: a one-line ConfigError naming the reward, the columns and the row's."""
+    from rltk.describe import function_name
+
+    columns = reward_columns(example)
+    for reward in reward_fns:
+        missing = reward.missing_columns(columns)
+        if missing:
+            raise ConfigError(f"rewards: reward '{reward.label}' ({function_name(reward.fn)}) needs the dataset "
+                              f"column{'s' if len(missing) > 1 else ''} {', '.join(missing)}, which the rows do not "
+                              f"have (they have {', '.join(sorted(columns))}); map it with data.answer_field / "
+                              "data.solution_field or add it to the data")
+
+
+def reward_metrics(per_reward: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``reward/<name>/mean`` and ``/std`` of each reward over the completions it scored (None excluded)."""
+    metrics = {}
+    for label, values in per_reward.items():
+        scored = values[~values.isnan()]
+        metrics[f"reward/{label}/mean"] = float(scored.mean()) if scored.numel() else math.nan
+        metrics[f"reward/{label}/std"] = float(scored.std()) if scored.numel() > 1 else 0.0
+    return metrics
 
 
 def batch_metrics(rollouts: Rollouts, advantages: Advantages, reasons: dict[str, int]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from rltk.algos.pipeline import StageFailure
 from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
 from rltk.engines.factory import make_engine, require_engine
+from rltk.eval.metrics import logged_metrics
 from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json
 from rltk.models import load_model, load_tokenizer, resolve_model_path
@@ -31,14 +32,15 @@ from rltk.schema import ConfigError, Recipe
 from rltk.trainer.base import BaseTrainer
 from rltk.trainer.batch import RolloutBatch
 from rltk.trainer.checkpoint import push_to_hub, save_checkpoint
-from rltk.trainer.collector import RolloutCollector, TrainingData
+from rltk.trainer.collector import RolloutCollector, TrainingData, check_reward_columns
 from rltk.trainer.distributed import attach_generation, generation_session, micro_batch_sync, prepare_frozen
 from rltk.trainer.guard import TrainingError, check_saveable
 from rltk.trainer.logprobs import forward_logps
 from rltk.trainer.loss import AnswerSFTLoss, PacedLoss, PolicyLoss
-from rltk.trainer.metrics import progress_bar
+from rltk.trainer.metrics import CompletionLog, progress_bar
 from rltk.trainer.paced import make_paced
 from rltk.trainer.resume import load_latest_checkpoint
+from rltk.trainer.reward_model import build_rewards
 from rltk.trainer.run_dir import RunDir
 from rltk.trainer.sampler_correction import SamplerCorrection
 from rltk.validate import check_layout, micro_batch_rows
@@ -63,8 +65,7 @@ class RLTrainer(BaseTrainer):
         self.counters: dict[str, int] = defaultdict(int)
         self.algorithm = algorithm = recipe.algorithm_stages  # resolved once, when the recipe loaded
         if algorithm is None:
-            raise ConfigError("RLTrainer needs a validated recipe: build it with rltk.validate.build_recipe or "
-                              "load_recipe")
+            raise ConfigError("RLTrainer needs a validated recipe (rltk.validate.build_recipe or load_recipe)")
         self.pipeline = algorithm.pipeline
         self.updates_per_batch = t.ppo_epochs * t.mini_batches
         self.correction = SamplerCorrection(recipe.rollout)  # sampler→trainer importance sampling
@@ -85,10 +86,10 @@ class RLTrainer(BaseTrainer):
                                   model_cfg=recipe.model, max_new_tokens=_longest_generation(recipe))
         attach_generation(self.engine, self.accelerator, lambda: self.model)
         from rewards.math import MathVerifier
-        from rewards.registry import get_reward_function
 
         self.verifier = MathVerifier(deadline_s=recipe.verifier.deadline_s, num_workers=recipe.verifier.num_workers)
-        reward_fns = [(r.name, get_reward_function(r.name), r.weight) for r in recipe.rewards]
+        reward_fns = build_rewards(recipe, self.accelerator)
+        check_reward_columns(reward_fns, self.train_examples[0])  # before the first rollout, in one line
         self.collector = RolloutCollector(
             recipe, self.accelerator, algorithm, self.sampler, self.engine, self.verifier, reward_fns,
             TrainingData(self.train_examples, self.train_prompts), tokenizer=self.tokenizer, policy=self.model,
@@ -105,6 +106,9 @@ class RLTrainer(BaseTrainer):
                                                   self.accelerator.num_processes, self.reduce_sum, self.counters))
         if resume:
             self._resume()
+        lg = recipe.logging  # sampled completions every lg.log_completions_every batches
+        self.completions = CompletionLog(self.accelerator, self.out, lg.log_completions_every, lg.log_completions_rows,
+                                         self.step or -1)
 
     # ------------------------------------------------------------------ setup
     def _check_layout(self) -> None:
@@ -270,6 +274,7 @@ class RLTrainer(BaseTrainer):
                 for key, value in self.optimize(batch, rows).items():
                     step_metrics[key].append(value)
                 self.step += 1
+        self.completions.log(self.step, batch)
         metrics = {k: sum(v) / len(v) for k, v in step_metrics.items()}
         for key in ("time/forward", "time/backward"):
             metrics[key] = sum(step_metrics[key])
@@ -308,7 +313,7 @@ class RLTrainer(BaseTrainer):
         result: dict[str, Any] = {"start_step": self.step}
         if self.step == 0 and evaluate_before:
             result["before"] = self.evaluate(f"step-{0:06d}")
-            metrics_log.log(0, _eval_metrics(result["before"]["summary"]))
+            metrics_log.log(0, logged_metrics(result["before"]["summary"]))
         bar = progress_bar(t.steps, self.step, self.recipe.logging.progress and acc.is_main_process)
         try:
             while self.step < t.steps:
@@ -317,7 +322,7 @@ class RLTrainer(BaseTrainer):
                 bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", correct=f"{metrics['correct/mean']:.3f}",
                                 step_s=f"{metrics['time/step']:.2f}")
                 if t.eval_every and self.step % t.eval_every == 0 and self.step < t.steps:
-                    metrics.update(_eval_metrics(self.evaluate(f"step-{self.step:06d}")["summary"]))
+                    metrics.update(logged_metrics(self.evaluate(f"step-{self.step:06d}")["summary"]))
                 metrics_log.log(self.step, metrics)
                 if t.save_every and self.step % t.save_every == 0 and self.step < t.steps:
                     self.save()
@@ -326,7 +331,7 @@ class RLTrainer(BaseTrainer):
         resumed = self.resumed_checkpoint
         final = resumed if resumed is not None and resumed.name == f"step-{self.step:06d}" else self.save()
         result["after"] = self.evaluate(f"step-{self.step:06d}")
-        metrics_log.log(self.step, _eval_metrics(result["after"]["summary"]))
+        metrics_log.log(self.step, logged_metrics(result["after"]["summary"]))
         metrics_log.close()
         result.update(final_checkpoint=str(final), model_dir=str(final / "model"), counters=dict(self.counters))
         if acc.is_main_process:
@@ -343,8 +348,3 @@ class RLTrainer(BaseTrainer):
 def _longest_generation(recipe: Recipe) -> int:
     return max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)
 
-
-def _eval_metrics(summary: dict[str, Any]) -> dict[str, float]:
-    out = {f"eval/pass@{k}": v for k, v in summary["pass@k"].items()}
-    out["eval/avg@n"] = summary["avg@n"]
-    return out

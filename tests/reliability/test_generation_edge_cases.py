@@ -6,38 +6,13 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from rltk.validate import build_recipe
-from rltk.engines.base import Generation, completion_mask_from_ids, pad_left, pad_right
 from rltk.trainer.rl import RLTrainer
 from tests.conftest import small_recipe_data
+from tests.factories import ScriptedEngine
 
 G = 4
-
-
-class ScriptedEngine:
-    """An engine that returns fixed completion texts (``None`` = truncated, no EOS)."""
-
-    def __init__(self, tokenizer, completions):
-        self.tokenizer, self.completions = tokenizer, completions
-
-    def sync_weights(self):
-        pass
-
-    def generate(self, prompts, params):
-        tok = self.tokenizer
-        prompt_rows = [tok(p, add_special_tokens=False, return_tensors="pt")["input_ids"] for p in prompts
-                       for _ in range(params.n)]
-        rows = []
-        for text in self.completions:
-            ids = tok(text or "", add_special_tokens=False)["input_ids"]
-            ids = (ids + [tok.eos_token_id]) if text is not None else [tok.convert_tokens_to_ids("7")] * params.max_new_tokens
-            rows.append(torch.tensor([ids[: params.max_new_tokens]]))
-        completion_ids = pad_right(rows, tok.pad_token_id)
-        mask, truncated = completion_mask_from_ids(completion_ids, tok.eos_token_id)
-        return Generation(pad_left(prompt_rows, tok.pad_token_id), pad_left([torch.ones_like(r) for r in prompt_rows], 0),
-                          completion_ids, mask, truncated, tok.batch_decode(completion_ids, skip_special_tokens=True))
 
 
 def _run(tmp_path, model_dir, advantage, make_texts):

@@ -99,6 +99,9 @@ LOAD_TIME = {
                                ["returned a tensor of shape [4]; expected a scalar tensor (shape [])"]),
     "normalizer_not_a_number": (_algorithm(aggregation={"name": f"{BROKEN}:nan_normalizer_aggregation"}),
                                 ["normalizer returned a str; expected a finite number >= 0"]),
+    "sampler_not_a_sampler": (_algorithm(sampler={"name": f"{BROKEN}:NotASampler"}),
+                              [f"sampler '{BROKEN}:NotASampler' ({BROKEN}.NotASampler) built a NotASampler; a sampler "
+                               "must subclass rltk.algos.Sampler"]),
     "reward_syntax_error": ({"rewards": [{"name": "my_syntax_error:estimator"}]},
                             ["rewards[0]: cannot load reward function 'my_syntax_error:estimator': importing module "
                              "'my_syntax_error' failed with SyntaxError"]),
@@ -107,8 +110,9 @@ LOAD_TIME = {
     "reward_missing_function": ({"rewards": [{"name": f"{BROKEN}:no_such_reward"}]},
                                 [f"module '{BROKEN}' has no attribute 'no_such_reward'"]),
     "reward_without_kwargs": ({"rewards": [{"name": f"{BROKEN}:positional_only_reward"}]},
-                              [f"reward function '{BROKEN}:positional_only_reward' cannot be called as "
-                               "fn(completions, answer=..., question=...)"]),
+                              [f"reward function '{BROKEN}:positional_only_reward' cannot be called as TRL calls "
+                               "it, fn(prompts=..., completions=..., completion_ids=..., trainer_state=..., "
+                               "**dataset_columns): it takes no **kwargs"]),
 }
 
 
