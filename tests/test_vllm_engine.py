@@ -463,7 +463,7 @@ def test_probe_pads_short_shards_for_collective_engines(tiny_model_dir, tmp_path
 
     from rewards.math import MathVerifier
     from rltk.data.recipe import build_prompts, load_test_split
-    from rltk.trainer.rl import RLTrainer
+    from rltk.trainer.collector import RolloutCollector, TrainingData
 
     gathered = []
     monkeypatch.setattr(accelerate.utils, "gather_object",
@@ -476,8 +476,8 @@ def test_probe_pads_short_shards_for_collective_engines(tiny_model_dir, tmp_path
     with MathVerifier(deadline_s=5.0, num_workers=1) as verifier:
         host = SimpleNamespace(recipe=recipe, accelerator=SimpleNamespace(process_index=1, num_processes=2),
                                engine=VLLMEngine(fake, tok, {tok.eos_token_id}), step=0, verifier=verifier,
-                               train_examples=examples, train_prompts=build_prompts(examples, recipe.data, tok))
-        counts = RLTrainer.probe(host, [0, 1, 2])
+                               data=TrainingData(examples, build_prompts(examples, recipe.data, tok)))
+        counts = RolloutCollector.probe(host, [0, 1, 2])
     group = recipe.rollout.group_size
     assert [e[1] for e in fake.events if e[0] == "generate"] == [2 * group]  # 2 prompts × G, as rank 0 sends
     assert len(gathered) == 1 and [i for i, _ in gathered[0]] == [1]  # only the real probe is gathered
