@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--top-p", type=float)
     ev.add_argument("--max-new-tokens", type=int)
     ev.add_argument("--seed", type=int)
-    ev.add_argument("--out", default=None, help="report directory (default runs/eval/<model name>)")
+    ev.add_argument("--out", default=None, help="report directory (default runs/eval/<the model path, '/' as '-'>); "
+                                                "another model's report is never overwritten")
     ev.add_argument("--no-save-samples", action="store_true", help="do not write samples.jsonl")
     ev.add_argument("--sets", help="comma-separated names of the recipe's eval.sets, or 'all': one report per set "
                                    "under --out/<name>")
@@ -163,23 +164,22 @@ def _cmd_sft(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from rltk.workflows import eval_recipe_from_args, evaluate_model
+    from rltk.eval.report import format_passk_table
+    from rltk.workflows import eval_out_dir, eval_recipe_from_args, evaluate_model, evaluate_model_sets
 
     recipe = eval_recipe_from_args(args)
-    out = args.out or str(Path("runs/eval") / Path(args.model.rstrip("/")).name)
-    from rltk.eval.report import format_passk_table
-
+    label = args.model.rstrip("/")
     if args.sets:
-        from rltk.workflows import evaluate_model_sets
-
         names = [s.name for s in recipe.eval.sets] if args.sets == "all" else [
             s.strip() for s in args.sets.split(",") if s.strip()]
+        out = eval_out_dir(args.model, args.out, names)
         reports = evaluate_model_sets(recipe, args.model, out, save_samples=not args.no_save_samples, sets=names)
-        print(format_passk_table({f"{Path(args.model).name} / {name}": r for name, r in reports.items()}))
+        print(format_passk_table({f"{label} / {name}": r for name, r in reports.items()}))
         print("reports: " + ", ".join(f"{out}/{name}/report.md" for name in reports))
         return 0
+    out = eval_out_dir(args.model, args.out, None)
     report = evaluate_model(recipe, args.model, out, save_samples=not args.no_save_samples)
-    print(format_passk_table({Path(args.model).name: report}))
+    print(format_passk_table({label: report}))
     print(f"report: {out}/report.md")
     return 0
 

@@ -126,6 +126,62 @@ def eval_recipe_from_args(args) -> Recipe:
     return build_recipe(data, overrides)
 
 
+def eval_name(model: str) -> str:
+    """The directory name of ``model``'s reports under ``runs/eval`` (``rltk eval`` without ``--out``):
+    the model as given — a local path relative to the working directory when it lies inside it, else
+    absolute; a Hub id as is — with a leading ``runs/`` dropped and every separator or other character
+    outside ``[A-Za-z0-9._-]`` as ``-``: ``runs/quickstart/checkpoints/step-000400/model`` ->
+    ``quickstart-checkpoints-step-000400-model``, ``Qwen/Qwen2.5-Math-1.5B`` -> ``Qwen-Qwen2.5-Math-1.5B``.
+    A name longer than 120 characters keeps its last 100 and a hash of the whole."""
+    import hashlib
+    import os
+    import re
+
+    path = Path(os.path.expanduser(model.rstrip("/")))
+    if path.exists():
+        path = path.resolve()
+        if path.is_relative_to(Path.cwd().resolve()):
+            path = path.relative_to(Path.cwd().resolve())
+    parts = [p for p in path.parts if p not in (path.anchor, ".")]
+    if len(parts) > 1 and parts[0] == "runs":
+        parts = parts[1:]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", "-".join(parts)).strip("-.") or "model"
+    if len(name) > 120:
+        name = f"{name[-100:].lstrip('-.')}-{hashlib.sha1(model.encode()).hexdigest()[:8]}"
+    return name
+
+
+def _same_model(stored, model: str) -> bool:
+    """Whether a report's ``protocol.model`` names ``model``: the same string, or the same local path."""
+    if not isinstance(stored, str):
+        return False
+    if stored.rstrip("/") == model.rstrip("/"):
+        return True
+    a, b = Path(stored), Path(model)
+    return a.exists() and b.exists() and a.resolve() == b.resolve()
+
+
+def eval_out_dir(model: str, out: str | None, sets: list[str] | None) -> Path:
+    """Where ``rltk eval`` writes ``model``'s reports: ``out``, else ``runs/eval/<eval_name(model)>``.
+    Another model's report is never overwritten: a ``report.json`` there (in ``<dir>/<set>/`` for each
+    of ``sets``) that names another model — or none — is refused with one line before anything loads;
+    the same model's report is replaced."""
+    import json
+
+    directory = Path(out) if out else Path("runs/eval") / eval_name(model)
+    for report in [directory / "report.json"] if sets is None else [directory / name / "report.json" for name in sets]:
+        if not report.is_file():
+            continue
+        try:
+            stored = json.loads(report.read_text())["protocol"]["model"]
+        except (OSError, ValueError, KeyError, TypeError):
+            stored = None
+        if not _same_model(stored, model):
+            raise ConfigError(f"{report.parent} holds the report of another model ({stored}); rltk eval does not "
+                              f"overwrite it: pass --out with another directory, or move that one")
+    return directory
+
+
 def sft_and_evaluate(recipe: Recipe) -> tuple[Path, dict]:
     """``rltk sft``: the warm start alone, then its held-out pass@k."""
     from rltk.trainer.sft import run_sft

@@ -128,3 +128,45 @@ def test_every_command_tears_the_process_group_down(tmp_path, monkeypatch):
         monkeypatch.setitem(cli._COMMANDS, "check", command)
         assert cli.main(["check", str(tmp_path / "recipe.yaml")]) == expected
         assert not dist.is_initialized()
+
+
+def test_eval_writes_each_model_under_its_own_name_and_never_over_another(tmp_path, tiny_model_dir):
+    """Two checkpoints whose directories are both called `model` get two report directories and two
+    table rows named after their paths; --out pointing at another model's report is refused."""
+    import shutil
+
+    models = [f"runs/{run}/checkpoints/step-000002/model" for run in ("a", "b")]
+    for model in models:
+        shutil.copytree(tiny_model_dir, tmp_path / model)
+    flags = ["--n", 2, "--k", "1,2", "--num-problems", 3, "--max-new-tokens", 4, "logging.progress=false"]
+    for model in models:
+        proc = _rltk("eval", "--model", model, *flags, cwd=tmp_path)
+        assert f"| {model} |" in proc.stdout  # the row is the model, not "model"
+    for run, model in zip("ab", models):
+        out = tmp_path / "runs" / "eval" / f"{run}-checkpoints-step-000002-model"
+        assert f"report: {out.relative_to(tmp_path)}/report.md" in _rltk("eval", "--model", model, *flags,
+                                                                          cwd=tmp_path).stdout  # its own: replaced
+        assert json.loads((out / "report.json").read_text())["protocol"]["model"] == model
+    taken = tmp_path / "runs" / "eval" / "a-checkpoints-step-000002-model"
+    before = (taken / "report.json").read_bytes()
+    proc = subprocess.run([sys.executable, "-m", "rltk", "eval", "--model", models[1], "--out", str(taken),
+                           *map(str, flags)], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"rltk: error: {taken} holds the report of another model ({models[0]}); rltk eval does not overwrite it: "
+        "pass --out with another directory, or move that one"]
+    assert (taken / "report.json").read_bytes() == before
+
+
+def test_eval_name_of_paths_and_hub_ids(tmp_path, monkeypatch):
+    from rltk.workflows import eval_name
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "q" / "sft").mkdir(parents=True)
+    assert eval_name("runs/q/sft/") == eval_name(str(tmp_path / "runs/q/sft")) == "q-sft"  # relative to the cwd
+    assert eval_name("Qwen/Qwen2.5-Math-1.5B") == "Qwen-Qwen2.5-Math-1.5B"
+    assert eval_name("/elsewhere/my model:v2") == "elsewhere-my-model-v2"
+    deep = "/".join(["part"] * 40)
+    x, y = eval_name(f"/x/{deep}"), eval_name(f"/y/{deep}")  # the same last 100 characters
+    assert len(x) <= 120 and x.startswith("part-part") and x != y  # ... told apart by a hash of the whole
