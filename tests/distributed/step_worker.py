@@ -33,7 +33,7 @@ def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | Non
     try:
         with torch.random.fork_rng():
             torch.manual_seed(1234)
-            full = trainer.rollout_batch(list(range(recipe.trainer.prompts_per_step)), first_group=0)
+            full = trainer.collector.rollout_batch(list(range(recipe.trainer.prompts_per_step)), first_group=0)
         if correct is not None:
             full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
         group = recipe.rollout.group_size
