@@ -42,7 +42,6 @@ PAPER_RECIPES = [
     "qwen2.5-math-7b/resrl.yaml",
     "qwen3-4b/resrl.yaml",
 ]
-BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
 def _id(path: Path) -> str:
@@ -167,12 +166,9 @@ def test_paper_recipe_common_settings(relative):
     assert d.source == "DigitalLearningGmbH/MATH-lighteval" and d.train_split == "train"
     # MATH-lighteval and MATH-500 share these columns; `solution` is a worked solution -> extract the box
     assert (d.prompt_field, d.answer_field, d.extract_boxed_answer) == ("problem", "solution", True)
-    if relative.startswith("qwen3-4b/"):  # boxed instruction inside a non-thinking Qwen3 chat turn
-        assert not d.chat_template
-        filled = d.template.format(question="Q?")
-        assert BOXED_INSTRUCTION in filled and filled.endswith("<think>\n\n</think>\n\n")
-    else:
-        assert d.template == "boxed" and d.chat_template
+    assert d.template == "boxed" and d.chat_template
+    if relative.startswith("qwen3-4b/"):  # the boxed instruction in a non-thinking Qwen3 chat turn
+        assert d.chat_template_kwargs == {"enable_thinking": False}
     assert 3072 <= r.rollout.max_new_tokens <= 4096
     assert r.rollout.temperature == 1.0
     assert r.trainer.lr == 1e-6

@@ -238,9 +238,11 @@ def _clean_answer(value: Any, extract_boxed: bool) -> str | None:
 
 def conversational_prompt(value: Any, where: str) -> tuple[tuple[dict[str, str], ...], str] | None:
     """A TRL conversational prompt (a list of ``{"role", "content"}`` messages) as (messages, text of
-    its last user turn); None when ``value`` is not a list. A message that is not a mapping with a
-    known role and string content is a :class:`DataError` naming ``where`` and the message."""
-    if not isinstance(value, list):
+    its last user turn); None when ``value`` is not a list whose first item is a mapping with a
+    ``role`` (TRL's ``is_conversational`` test: such a prompt is then counted as a bad prompt). In a
+    conversational prompt, a message that is not a mapping with a known role and string content is a
+    :class:`DataError` naming ``where`` and the message."""
+    if not (isinstance(value, list) and value and isinstance(value[0], dict) and "role" in value[0]):
         return None
     messages = []
     for k, message in enumerate(value):

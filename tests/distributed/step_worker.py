@@ -38,19 +38,18 @@ def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | Non
             full = replace(full, rollouts=replace(full.rollouts, correct=torch.tensor(json.loads(correct)).bool()))
         group = recipe.rollout.group_size
         per_rank = recipe.trainer.prompts_per_step // acc.num_processes * group
-        rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)
-        mine = full.select(rows)
+        rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)  # this rank's groups
         head = acc.unwrap_model(trainer.model).get_output_embeddings().weight
         result = {"world": acc.num_processes, "zero_stage": zero_stage(acc),
-                  "micro_batches": len(trainer.micro_batches(torch.arange(per_rank))),
+                  "micro_batches": len(trainer.micro_batches(rows)),
                   "lm_head_sharded": tuple(head.shape) != tuple(whole_shape(head))}  # a ZeRO-3 placeholder
         if mode == "grad":
-            metrics = trainer.accumulate_gradients(mine, torch.arange(per_rank))
+            metrics = trainer.accumulate_gradients(full, rows)
             result["grad"] = torch.cat([p.grad.flatten() for p in trainer.model.parameters()
                                         if p.grad is not None]).tolist()
         else:
             trainable = {n.removeprefix("module.") for n, p in trainer.model.named_parameters() if p.requires_grad}
-            metrics = trainer.optimize(mine, torch.arange(per_rank))
+            metrics = trainer.optimize(full, rows)
             state = acc.get_state_dict(trainer.model)  # gathered under ZeRO-3 (collective)
             if acc.is_main_process:
                 names = sorted(n for n in state if n in trainable)

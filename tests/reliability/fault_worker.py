@@ -33,7 +33,7 @@ def nan_loss_from(step: int) -> None:
 
     def poisoned(self, logps, rollouts, advantages):
         per_token, metrics = original(self, logps, rollouts, advantages)
-        if rollouts.extra.get("step", 0) >= step:
+        if rollouts.step >= step:
             per_token = per_token * torch.tensor(float("nan"))
         return per_token, metrics
 
