@@ -150,6 +150,10 @@ class RolloutConfig:
     top_k: int = 0  # 0 = off
     max_new_tokens: int = 32
     batch_size: int = 256  # completions generated per call of the hf engine
+    # hf engine: completions sorted by prompt length and cut into generate calls of at most this many
+    # tokens (rows × (longest prompt + max_new_tokens)); None = batch_size rows per call, in order
+    max_tokens_per_batch: Union[int, None] = None
+    continuous_batching: bool = False  # hf engine: transformers' continuous batching (a finished row frees its slot)
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 
@@ -253,6 +257,11 @@ class TrainerConfig:
     head_chunk_tokens: int = 1024  # positions per LM-head chunk in every log-prob forward: the [rows, T, vocab]
     #   logits are never built (docs/distributed.md); 0 = the dense path (full logits, for debugging)
     max_bad_steps: int = 3  # consecutive non-finite steps before training stops
+    # Micro-batches cut by token count: each optimizer step's rows sorted by length and packed while a
+    # forward holds at most this many tokens (whole groups where a stage needs them); also the no-grad
+    # forwards. None = micro_batch_size rows per micro-batch, in order (docs/distributed.md)
+    max_tokens_per_micro_batch: Union[int, None] = None
+    padding_free: bool = False  # forwards of packed sequences without padding (per-sequence position ids)
 
 
 @dataclass

@@ -193,6 +193,8 @@ SIZE_LIMITS = {
     "model.tiny.intermediate_size": 1_048_576,
     "model.tiny.num_layers": 1_024,
     "model.tiny.max_position_embeddings": 1_048_576,
+    "trainer.max_tokens_per_micro_batch": 1_073_741_824,
+    "rollout.max_tokens_per_batch": 1_073_741_824,
 }
 MAX_COMPLETIONS_PER_STEP = 16_777_216  # trainer.prompts_per_step × rollout.group_size (2**24)
 MAX_SEED = 2**31 - 1  # numpy takes seeds < 2**32 and accelerate adds the process index to trainer.seed
@@ -318,6 +320,7 @@ def check_layout(recipe: Recipe, world_size: int) -> list[str]:
     if algorithm.pipeline.whole_groups and t.micro_batch_size < r.group_size:
         raise ConfigError(f"trainer.micro_batch_size ({t.micro_batch_size}) must be >= rollout.group_size "
                           f"({r.group_size}) with the {algorithm.pipeline.loss.name} loss, which reads whole groups")
+    _check_token_budgets(recipe)
     completions = per_rank * r.group_size
     micro = micro_batch_rows(t.micro_batch_size, r.group_size)
     lines = [f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer "
@@ -325,6 +328,32 @@ def check_layout(recipe: Recipe, world_size: int) -> list[str]:
     if micro != t.micro_batch_size:
         lines.append(f"note: micro_batch_size {t.micro_batch_size} is rounded down to {micro} (whole groups)")
     return lines
+
+
+def _check_token_budgets(recipe: Recipe) -> None:
+    """The token budgets must hold the longest sequence the run can produce (one line naming both
+    numbers): the policy's micro-batches one prompt + completion (a whole group where the loss reads
+    groups), the hf engine's generate calls one prompt + its longest generation."""
+    t, r, d = recipe.trainer, recipe.rollout, recipe.data
+    longest = d.max_prompt_length + r.max_new_tokens
+    budget = t.max_tokens_per_micro_batch
+    if budget is not None:
+        _positive(budget, "trainer.max_tokens_per_micro_batch")
+        if recipe.algorithm_stages.pipeline.whole_groups and budget < r.group_size * longest:
+            raise ConfigError(
+                f"trainer.max_tokens_per_micro_batch ({budget}) must hold a whole group of the "
+                f"{recipe.algorithm_stages.pipeline.loss.name} loss: rollout.group_size × (data.max_prompt_length + "
+                f"rollout.max_new_tokens) = {r.group_size} × {longest} = {r.group_size * longest} tokens")
+        if budget < longest:
+            raise ConfigError(f"trainer.max_tokens_per_micro_batch ({budget}) is smaller than the longest sequence, "
+                              f"data.max_prompt_length + rollout.max_new_tokens = {longest} tokens")
+    if r.max_tokens_per_batch is not None:
+        _positive(r.max_tokens_per_batch, "rollout.max_tokens_per_batch")
+        generated = max(r.max_new_tokens, recipe.eval.max_new_tokens or r.max_new_tokens)
+        if r.max_tokens_per_batch < d.max_prompt_length + generated:
+            raise ConfigError(f"rollout.max_tokens_per_batch ({r.max_tokens_per_batch}) is smaller than one row of a "
+                              f"generate call, data.max_prompt_length + the longest max_new_tokens = "
+                              f"{d.max_prompt_length + generated} tokens")
 
 
 def micro_batch_rows(micro_batch_size: int, group_size: int) -> int:
