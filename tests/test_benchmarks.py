@@ -1,0 +1,115 @@
+"""The benchmarks' instruments: step_time's heavy-tailed length forcing and padding count, and
+gpu_step's whole run on CPU with the tiny configuration (benchmarks/configs/tiny.json)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu_step, step_time
+
+
+def test_heavy_lengths_are_seeded_per_call_and_row():
+    first = step_time.draw_lengths(0, 500, 24, seed=3)
+    assert first == step_time.draw_lengths(0, 500, 24, seed=3)  # the same for both sides
+    assert step_time.draw_lengths(0, 20, 24, seed=3) == first[:20]  # a row's length depends on nothing else
+    assert first != step_time.draw_lengths(1, 500, 24, seed=3)  # the next call gets other lengths
+    assert all(1 <= n <= 16 * 24 for n in first)
+    long = sum(n > 24 for n in first)
+    assert 25 <= long <= 80  # 10% of 500 long, give or take
+
+
+def test_forced_lengths_hold_on_both_sides_paths(tiny_model_dir):
+    """rltk's hf engine (eos_token_id as an int argument) and a TRL-style call (a GenerationConfig
+    with a list of EOS ids) both end every row exactly at its drawn length, call after call."""
+    from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
+
+    from rltk.engines.base import SamplingParams, completion_mask_from_ids
+    from rltk.engines.hf import HFEngine
+    from rltk.models import load_tokenizer
+
+    original = GenerationMixin.generate
+    torch.manual_seed(0)
+    tokenizer = load_tokenizer(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = ["Q: 1+2\nA: ", "Q: 13+22\nA: ", "Q: 7+5\nA: "]
+    limit = 4 * 3
+
+    def draw(call, rows):
+        return step_time.draw_lengths(call, rows, 3, long_share=0.4, long_factor=4, seed=1)
+
+    with step_time.forced_lengths(draw) as rltk_side:
+        engine = HFEngine(lambda: model, tokenizer)
+        for _ in range(2):
+            out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=limit))
+            assert out.completion_mask.sum(1).tolist() == rltk_side["calls"][-1]
+            assert not out.truncated.any()
+    with step_time.forced_lengths(draw) as trl_side:
+        encoded = tokenizer([p for p in prompts for _ in range(2)], return_tensors="pt", padding=True)
+        config = GenerationConfig(max_new_tokens=limit, do_sample=True, eos_token_id=[tokenizer.eos_token_id],
+                                  pad_token_id=tokenizer.pad_token_id)
+        for _ in range(2):
+            ids = model.generate(**encoded, generation_config=config)[:, encoded["input_ids"].shape[1]:]
+            mask, truncated = completion_mask_from_ids(ids, tokenizer.eos_token_id)
+            assert mask.sum(1).tolist() == trl_side["calls"][-1]
+            assert not truncated.any()
+    assert rltk_side["calls"] == trl_side["calls"]
+    assert any(n > 3 for call in rltk_side["calls"] for n in call)  # long rows were drawn and held
+    assert GenerationMixin.generate is original  # restored on exit
+
+
+def test_padding_summary_sources():
+    masked = [{"positions": 100, "real": 60, "unmasked": 0, "forwards": 2}]
+    out = step_time.padding_summary(masked, [])
+    assert out["padding_share"] == pytest.approx(0.4) and out["padding_source"] == "attention masks"
+    assert "logged_note" not in out  # TRL logs nothing and needs no note
+    out = step_time.padding_summary(masked, [{}])
+    assert "predates" in out["logged_note"]  # an rltk without the metric is named
+    packed = [{"positions": 80, "real": 0, "unmasked": 80, "forwards": 1}]
+    out = step_time.padding_summary(packed, [{"tokens/forward": 80.0, "tokens/padding_share": 0.05}])
+    assert out["padding_share"] == pytest.approx(0.05) and out["padding_source"].startswith("rltk metric")
+    out = step_time.padding_summary(packed, [{}])
+    assert out["padding_share"] is None and "unknown" in out["padding_note"]
+
+
+def test_gpu_step_runs_on_cpu_with_the_tiny_config(tmp_path):
+    path = tmp_path / "report.json"
+    report = gpu_step.main(["--tiny", "--peak-tflops", "1", "--json", str(path), "--work-dir", str(tmp_path / "w")])
+    assert json.loads(path.read_text()) == json.loads(json.dumps(report))
+    assert report["config"]["dtype"] == "float32" and not report["config"]["isolated"]
+    assert report["params"] > 0 and report["peak_flops"] == 1e12
+    for side in ("rltk", "trl"):
+        r = report[side]
+        assert "error" not in r, r
+        for key in ("step_s", "tokens_per_s", "real_tokens_per_step", "positions_per_step", "mfu"):
+            assert r[key] > 0, (side, key)
+        assert r["peak_memory_gib"] is None  # CPU
+        assert 0 <= r["padding_share"] < 1 and r["padding_source"] == "attention masks"
+        # the forward hook's real tokens (attention masks) are the scripted prompt + completion tokens
+        assert r["hooked_real_tokens_per_step"] == r["real_tokens_per_step"]
+        assert r["padding_share_scripted"] == pytest.approx(r["padding_share"])
+        assert r["training_forwards"] == 16 // 4  # 4 × 4 completions in micro-batches of 4 rows
+    assert report["same_real_tokens"] and report["rltk"]["real_tokens_all"] == report["trl"]["real_tokens_all"]
+    assert report["ratio_step_time_rltk_over_trl"] > 0 and report["ratio_tokens_per_s_rltk_over_trl"] > 0
+    generation = report["rltk"]["generation"]
+    assert generation["new_tokens"] > 0 and generation["tokens_per_s"] > 0
+
+
+def test_gpu_step_script_and_tokenizer():
+    args = gpu_step.parse_args(["--tiny"])
+    tokenizer, first_plain = gpu_step.build_tokenizer(512)
+    assert len(tokenizer) == 512 and tokenizer.decode([511]) == "<t252>"
+    script = gpu_step.Script(args, 512, tokenizer.eos_token_id, first_plain)
+    rows = [script.completion(0, j) for j in range(200)]
+    assert rows == [script.completion(0, j) for j in range(200)]
+    assert all(1 <= len(r) <= args.max_completion for r in rows)
+    assert all(r[-1] == tokenizer.eos_token_id for r in rows if len(r) < args.max_completion)
+    assert all(min(r[:-1] or [first_plain]) >= first_plain for r in rows)
+    assert len({len(r) for r in rows}) > 10  # spread lengths
+    rewards = gpu_step.scripted_reward(completion_ids=rows)
+    assert len(set(rewards)) > 10 and all(0 <= x <= 1 for x in rewards)
+    prompts = gpu_step.make_prompts(args)
+    assert [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts] == [len(p) for p in prompts]
+    with pytest.raises(SystemExit):
+        gpu_step.parse_args(["--tiny", "--micro-batch-size", "3"])  # not whole groups
