@@ -43,7 +43,7 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from rltk.algos.pipeline import AlgorithmPipeline
     from rltk.algos.types import Rollouts
-    from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
+    from rltk.trainer.logprobs import ForwardOptions, TokenBatch, forward_logps
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -62,10 +62,10 @@ def run_variant(args: argparse.Namespace) -> dict:
                         correct=torch.arange(n) % 2 == 1, completion_mask=torch.ones(n, args.tokens),
                         truncated=torch.zeros(n, dtype=torch.bool))
     advantages, _ = pipeline.compute_advantages(rollouts)
-    head = HeadOptions(chunk=args.head_chunk if args.variant == "chunked" else 0)
+    options = ForwardOptions(chunk=args.head_chunk if args.variant == "chunked" else 0)
     before_kib = _rss_kib()
     start = time.perf_counter()
-    out = forward_logps(model, tokens, args.temperature, head=head)
+    out = forward_logps(model, tokens, args.temperature, options=options)
     rollouts = Rollouts(**{**rollouts.__dict__, "old_logps": out.logps.detach()})
     per_token, _ = pipeline.per_token_loss(out.logps, rollouts, advantages)
     loss = pipeline.aggregate(per_token, rollouts.completion_mask, float(rollouts.completion_mask.sum()))

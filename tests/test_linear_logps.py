@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from rltk.algos.linear_logps import linear_logps
 from rltk.algos.registry import StageError
-from rltk.trainer.logprobs import FinalHidden, HeadOptions, TokenBatch, chunkable_head, chunked_logps, forward_logps
+from rltk.trainer.logprobs import FinalHidden, ForwardOptions, TokenBatch, chunkable_head, chunked_logps, forward_logps
 
 
 def _dense(h, w, b, target, temperature):
@@ -122,9 +122,9 @@ def test_model_forward_equals_dense_path(tie):
     batch = _batch()
     mask = batch.completion_mask.float()
     results = []
-    for head in (HeadOptions(chunk=0), HeadOptions(chunk=7)):
+    for options in (ForwardOptions(chunk=0), ForwardOptions(chunk=7)):
         model.zero_grad()
-        out = forward_logps(model, batch, 0.8, with_entropy=True, with_final_hidden=True, head=head)
+        out = forward_logps(model, batch, 0.8, with_entropy=True, with_final_hidden=True, options=options)
         loss = (out.logps * mask).sum() * 0.3 - (out.entropy * mask).sum() * 0.1 + out.final_hidden.pow(2).mean()
         loss.backward()
         results.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -143,7 +143,7 @@ def test_chunked_forward_never_builds_full_logits():
     shapes = []
     hook = model.lm_head.register_forward_hook(lambda _m, _i, out: shapes.append(tuple(out.shape)))
     try:
-        forward_logps(model, batch, 1.0, head=HeadOptions(chunk=4))
+        forward_logps(model, batch, 1.0, options=ForwardOptions(chunk=4))
     finally:
         hook.remove()
     assert shapes == [(len(batch), 1, 211)]
@@ -152,8 +152,8 @@ def test_chunked_forward_never_builds_full_logits():
 def test_no_grad_chunked_logps_and_hidden_layers_match_dense():
     model = _tiny_qwen()
     batch = _batch()
-    dense = chunked_logps(model, batch, 1.0, 3, hidden_layers=(-2,), head=HeadOptions(chunk=0))
-    chunked = chunked_logps(model, batch, 1.0, 3, hidden_layers=(-2,), head=HeadOptions(chunk=5))
+    dense = chunked_logps(model, batch, 1.0, 3, hidden_layers=(-2,), options=ForwardOptions(chunk=0))
+    chunked = chunked_logps(model, batch, 1.0, 3, hidden_layers=(-2,), options=ForwardOptions(chunk=5))
     torch.testing.assert_close(chunked.logps, dense.logps, rtol=0, atol=1e-5)
     torch.testing.assert_close(chunked.hidden[-2], dense.hidden[-2])
     assert torch.all(chunked.logps[batch.completion_mask == 0] == 0)

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from rewards.extract import last_outer_box
 from rltk.engines.base import pad_right
-from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
+from rltk.trainer.logprobs import ForwardOptions, TokenBatch, chunked_logps
 
 
 @dataclass(frozen=True)
@@ -46,11 +46,7 @@ def build_answer_batch(tokens: TokenBatch, texts: list[str], answers: list[str],
 
 @torch.no_grad()
 def answer_logps(model, batch: AnswerBatch, temperature: float, chunk_size: int,
-                 head: HeadOptions = HeadOptions()) -> Tensor:
+                 options: ForwardOptions = ForwardOptions()) -> Tensor:
     """log p(gold answer | prompt, rationale) per completion, float [N]."""
-    out = []
-    for start in range(0, len(batch.tokens), chunk_size):
-        index = torch.arange(start, min(start + chunk_size, len(batch.tokens)))
-        logps = forward_logps(model, batch.tokens.rows(index), temperature, head=head).logps.cpu()
-        out.append((logps * batch.answer_mask[index]).sum(-1))
-    return torch.cat(out)
+    logps = chunked_logps(model, batch.tokens, temperature, chunk_size, options=options).logps.cpu()
+    return (logps * batch.answer_mask).sum(-1)

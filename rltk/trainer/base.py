@@ -6,6 +6,8 @@ the trainers cannot drift apart in how they do it. The loop itself stays in each
 """
 from __future__ import annotations
 
+import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,12 +16,16 @@ from accelerate.utils import set_seed
 
 from rltk.io import check_writable
 from rltk.precision import compute_dtype, mixed_precision
-from rltk.schema import Recipe
+from rltk.schema import Recipe, TrainerConfig
 from rltk.trainer.distributed import accelerator_handlers, configure_deepspeed
 from rltk.trainer.guard import NonFiniteGuard
-from rltk.trainer.logprobs import HeadOptions
+from rltk.trainer.logprobs import ForwardOptions, Layout, chunkable_head
 from rltk.trainer.metrics import MetricsLog
+from rltk.trainer.packing import packing_unavailable
 from rltk.trainer.run_dir import RunDir, claim, output_dir
+
+
+log = logging.getLogger(__name__)
 
 
 def warmup_steps(ratio: float, steps: int) -> int:
@@ -29,6 +35,27 @@ def warmup_steps(ratio: float, steps: int) -> int:
     return max(count, 1) if ratio > 0 else count
 
 
+def forward_layout(t: TrainerConfig, model: torch.nn.Module) -> Layout:
+    """How the log-prob forwards lay out their rows (rltk/trainer/logprobs.py), logged once:
+    ``packed`` with ``trainer.padding_free`` where the model supports it (else ``trimmed``, saying
+    why), ``trimmed`` with a token budget, ``padded`` otherwise."""
+    if t.padding_free:
+        why = "the dense LM head (trainer.head_chunk_tokens: 0)" if t.head_chunk_tokens == 0 else None
+        why = why or packing_unavailable(getattr(model, "module", model)) or (
+            None if chunkable_head(getattr(model, "module", model)) is not None else "its LM head is not a plain Linear")
+        if why is None:
+            log.info("forwards: padding-free, sequences packed without padding (trainer.padding_free)")
+            return "packed"
+        log.warning("trainer.padding_free: packing is unavailable (%s); each forward is trimmed to its rows' own "
+                    "widths instead", why)
+        return "trimmed"
+    if t.max_tokens_per_micro_batch is not None:
+        log.info("forwards: at most %d tokens each, rows sorted by length and padded to each forward's own widths "
+                 "(trainer.max_tokens_per_micro_batch)", t.max_tokens_per_micro_batch)
+        return "trimmed"
+    return "padded"
+
+
 class BaseTrainer:
     """The start of a training run and the pieces its loop uses.
 
@@ -36,7 +63,7 @@ class BaseTrainer:
     ``kind`` run (unless ``run`` is an earlier claim; ``claim_options`` go to
     :func:`rltk.trainer.run_dir.claim`), checks that it is writable, seeds every process
     (``trainer.seed`` + process index) and makes the non-finite-step guard (``hint`` ends its
-    error) and the log-prob head options. :meth:`prepare` then sets ``model``, ``optimizer`` and
+    error) and the options of every log-prob forward. :meth:`prepare` then sets ``model``, ``optimizer`` and
     ``scheduler``. ``step`` counts optimizer steps taken.
     """
 
@@ -55,7 +82,7 @@ class BaseTrainer:
             check_writable(self.out)
         set_seed(t.seed, device_specific=True)
         self.step = 0
-        self.head = HeadOptions(t.head_chunk_tokens, compute_dtype(self.accelerator))  # every log-prob forward
+        self.forward_options = ForwardOptions(t.head_chunk_tokens, compute_dtype(self.accelerator))  # every log-prob forward
         self.guard = NonFiniteGuard(t.max_bad_steps, hint)
 
     def prepare(self, model: torch.nn.Module, *, lr: float, scheduler: str, warmup_ratio: float, steps: int,
@@ -73,6 +100,15 @@ class BaseTrainer:
                                  num_training_steps=steps)
         configure_deepspeed(self.accelerator, micro_batch_size, t.max_grad_norm)
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(model, optimizer, schedule)
+        self.forward_options = replace(self.forward_options, layout=forward_layout(t, model),
+                                       max_tokens=t.max_tokens_per_micro_batch, count_over_ranks=self.max_over_ranks)
+
+    def max_over_ranks(self, count: int) -> int:
+        """The largest ``count`` over processes (every process must call it when there are several)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return count
+        return int(acc.gather(torch.tensor([count], device=acc.device)).max())
 
     def reduce_sum(self, value: float) -> float:
         """``value`` summed over all processes (in float64); every process must call it."""

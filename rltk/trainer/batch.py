@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 
 from rltk.algos.types import Advantages, Rollouts
-from rltk.trainer.logprobs import HeadOptions, TokenBatch, chunked_logps
+from rltk.trainer.logprobs import ForwardOptions, TokenBatch, chunked_logps
 
 
 @dataclass
@@ -102,14 +102,14 @@ def score_rewards(call: RewardCall, verdicts, reward_fns) -> tuple[torch.Tensor,
 
 def add_requested_forwards(rollouts: Rollouts, tokens: TokenBatch, needs: set[str], *, policy,
                            reference: Callable[[], Any] | None, temperature: float, chunk_size: int,
-                           head: HeadOptions = HeadOptions()) -> Rollouts:
+                           options: ForwardOptions = ForwardOptions()) -> Rollouts:
     """Fill ``old_logps``, ``hidden`` and ``ref_logps`` when requested, each in one no-grad pass."""
     from dataclasses import replace
 
     updates: dict[str, Any] = {}
     layers = hidden_layers(needs)
     if "old_logps" in needs or layers:
-        out = chunked_logps(policy, tokens, temperature, chunk_size, hidden_layers=layers, head=head)
+        out = chunked_logps(policy, tokens, temperature, chunk_size, hidden_layers=layers, options=options)
         if "old_logps" in needs:
             updates["old_logps"] = out.logps.cpu()
         if layers:
@@ -118,5 +118,5 @@ def add_requested_forwards(rollouts: Rollouts, tokens: TokenBatch, needs: set[st
                 updates["extra"] = {**rollouts.extra, "hidden_layers": {k: v.float().cpu() for k, v in out.hidden.items()}}
     if "ref_logps" in needs:
         with reference() as ref_model:
-            updates["ref_logps"] = chunked_logps(ref_model, tokens, temperature, chunk_size, head=head).logps.cpu()
+            updates["ref_logps"] = chunked_logps(ref_model, tokens, temperature, chunk_size, options=options).logps.cpu()
     return replace(rollouts, **updates)

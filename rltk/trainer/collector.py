@@ -29,7 +29,7 @@ from rltk.schema import ConfigError, Recipe
 from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.batch import RewardCall, RolloutBatch, add_requested_forwards, score_rewards
 from rltk.trainer.distributed import generation_session
-from rltk.trainer.logprobs import HeadOptions, TokenBatch
+from rltk.trainer.logprobs import ForwardOptions, TokenBatch
 
 
 class JsonProbeCache:
@@ -64,11 +64,11 @@ class RolloutCollector:
 
     def __init__(self, recipe: Recipe, accelerator, algorithm: Algorithm, sampler: Sampler, engine, verifier,
                  reward_fns, data: TrainingData, *, tokenizer, policy, reference: Callable, needs: set[str],
-                 correction, paced, head: HeadOptions, counters: dict[str, int], updates_per_batch: int):
+                 correction, paced, options: ForwardOptions, counters: dict[str, int], updates_per_batch: int):
         self.recipe, self.accelerator, self.algorithm = recipe, accelerator, algorithm
         self.sampler, self.engine, self.verifier, self.reward_fns = sampler, engine, verifier, reward_fns
         self.data, self.tokenizer, self.policy, self.reference = data, tokenizer, policy, reference
-        self.needs, self.correction, self.paced, self.head = needs, correction, paced, head
+        self.needs, self.correction, self.paced, self.forward_options = needs, correction, paced, options
         self.counters, self.updates_per_batch = counters, updates_per_batch
         self.step = 0  # the optimizer step the batch being collected is trained from
 
@@ -166,7 +166,7 @@ class RolloutCollector:
         )
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.policy, reference=self.reference,
-                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size, head=self.head)
+                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size, options=self.forward_options)
         rollouts, is_metrics = self.correction.apply(rollouts, generation.sampling_logps)
         timings.update(is_metrics)
         answer_batch = None
@@ -174,7 +174,7 @@ class RolloutCollector:
             answer_batch = build_answer_batch(tokens, generation.texts, answers, self.tokenizer,
                                               self.recipe.data.answer_template)
             rollouts = replace(rollouts, answer_logps=answer_logps(self.policy, answer_batch, r.temperature,
-                                                                   t.logprob_chunk_size, self.head))
+                                                                   t.logprob_chunk_size, self.forward_options))
         timings["time/extra_forwards"] = time.perf_counter() - start
         pipeline = self.algorithm.pipeline
         advantages, stage_metrics = pipeline.compute_advantages(rollouts)

@@ -27,7 +27,7 @@ from torch import Tensor
 from rltk.algos.pipeline import AlgorithmPipeline
 from rltk.algos.types import Advantages
 from rltk.trainer.batch import RolloutBatch
-from rltk.trainer.logprobs import HeadOptions, ForwardOutput, forward_logps
+from rltk.trainer.logprobs import ForwardOptions, ForwardOutput, forward_logps
 
 ReduceSum = Callable[[float], float]  # a float summed over ranks
 
@@ -96,14 +96,14 @@ class AnswerSFTLoss:
 
     wants_entropy = wants_final_hidden = False
 
-    def __init__(self, policy: PolicyLoss, model, temperature: float, head: HeadOptions):
-        self.policy, self.model, self.temperature, self.head = policy, model, temperature, head
+    def __init__(self, policy: PolicyLoss, model, temperature: float, options: ForwardOptions):
+        self.policy, self.model, self.temperature, self.forward_options = policy, model, temperature, options
 
     def begin(self, batch: RolloutBatch, rows: Tensor, step: int) -> bool:
         return batch.answer_sft is not None and self.policy.active
 
     def loss(self, batch: RolloutBatch, mb: Tensor, out: ForwardOutput) -> tuple[Tensor, dict[str, Tensor]]:
-        answer = forward_logps(self.model, batch.answer.tokens.rows(mb), self.temperature, head=self.head)
+        answer = forward_logps(self.model, batch.answer.tokens.rows(mb), self.temperature, options=self.forward_options)
         keep = batch.advantages.kept()[mb].float().unsqueeze(-1)
         mask = (batch.answer.answer_mask[mb] * keep).to(answer.logps.device)
         weights = batch.answer_sft[mb].to(answer.logps.device).unsqueeze(-1)

@@ -135,7 +135,7 @@ class RediTrainer(BaseTrainer):
         for i, chunk in enumerate(chunks):
             with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
                 batch, labels = collate(chunk, self.data.fmt, self.tokenizer.pad_token_id)
-                logps = forward_logps(self.model, batch, head=self.head).logps
+                logps = forward_logps(self.model, batch, options=self.forward_options).logps
                 mask = batch.completion_mask.to(logps.device)
                 share = len(chunk) / global_rows
                 loss = batch_loss(logps, mask, labels, self.data.fmt, cfg.alpha, cfg.reduction) * share * world

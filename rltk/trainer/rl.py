@@ -36,6 +36,7 @@ from rltk.trainer.collector import RolloutCollector, TrainingData, check_reward_
 from rltk.trainer.distributed import attach_generation, generation_session, micro_batch_sync, prepare_frozen
 from rltk.trainer.guard import TrainingError, check_saveable
 from rltk.trainer.logprobs import forward_logps
+from rltk.trainer.micro_batches import plan
 from rltk.trainer.loss import AnswerSFTLoss, PacedLoss, PolicyLoss
 from rltk.trainer.metrics import CompletionLog, progress_bar
 from rltk.trainer.paced import make_paced
@@ -93,14 +94,14 @@ class RLTrainer(BaseTrainer):
         self.collector = RolloutCollector(
             recipe, self.accelerator, algorithm, self.sampler, self.engine, self.verifier, reward_fns,
             TrainingData(self.train_examples, self.train_prompts), tokenizer=self.tokenizer, policy=self.model,
-            reference=self.reference, needs=self.needs, correction=self.correction, paced=self.paced, head=self.head,
+            reference=self.reference, needs=self.needs, correction=self.correction, paced=self.paced, options=self.forward_options,
             counters=self.counters, updates_per_batch=self.updates_per_batch)
         self.collector.attach_prober(self.out / "pairing_probe.json",
                                      fingerprint=f"{self.policy_path}|{recipe.data.source}|{recipe.rollout}")
         self.policy_loss = PolicyLoss(self.pipeline, recipe.algorithm.pg_coef, recipe.rollout.max_new_tokens,
                                       self.accelerator.num_processes, self.reduce_sum, "entropy" in self.needs)
         self.loss_components = [self.policy_loss,
-                                AnswerSFTLoss(self.policy_loss, self.model, recipe.rollout.temperature, self.head)]
+                                AnswerSFTLoss(self.policy_loss, self.model, recipe.rollout.temperature, self.forward_options)]
         if self.paced is not None:
             self.loss_components.append(PacedLoss(self.paced, lambda: self.accelerator.unwrap_model(self.model),
                                                   self.accelerator.num_processes, self.reduce_sum, self.counters))
@@ -179,10 +180,16 @@ class RLTrainer(BaseTrainer):
         return self.collector.collect(self.step)
 
     # ------------------------------------------------------------------ optimisation
-    def micro_batches(self, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Cut ``rows`` into micro-batches; whole groups per micro-batch when it holds ≥ one group."""
-        size = micro_batch_rows(self.recipe.trainer.micro_batch_size, self.recipe.rollout.group_size)
-        return [rows[i : i + size] for i in range(0, len(rows), size)]
+    def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
+        """Cut ``rows`` into micro-batches (rltk/trainer/micro_batches.py): ``micro_batch_size`` rows in
+        order (whole groups when it holds at least one), or by ``max_tokens_per_micro_batch``, whole
+        groups together where the loss reads groups."""
+        t, group = self.recipe.trainer, self.recipe.rollout.group_size
+        options = self.forward_options
+        prompt_len, completion_len = batch.tokens.rows(rows).lengths()
+        return plan(rows, prompt_len, completion_len, max_rows=micro_batch_rows(t.micro_batch_size, group),
+                    max_tokens=t.max_tokens_per_micro_batch, unit=group if self.pipeline.whole_groups else 1,
+                    packed=options.layout == "packed", count_over_ranks=options.count_over_ranks)
 
     def optimize(self, batch: RolloutBatch, rows: torch.Tensor) -> dict[str, float]:
         """One optimizer step on ``rows`` of this rank's batch (a mini-batch of whole groups)."""
@@ -210,12 +217,14 @@ class RLTrainer(BaseTrainer):
         with_final_hidden = any(c.wants_final_hidden for c in active)
         loss_total = torch.zeros((), dtype=torch.float64)
         t_forward = t_backward = 0.0
-        chunks = self.micro_batches(rows)
+        positions = 0
+        chunks = self.micro_batches(batch, rows)
         for i, mb in enumerate(chunks):
             with micro_batch_sync(acc, self.model, last=i == len(chunks) - 1):
                 start = time.perf_counter()
                 out = forward_logps(self.model, batch.tokens.rows(mb), self.recipe.rollout.temperature,
-                                    with_entropy=with_entropy, with_final_hidden=with_final_hidden, head=self.head)
+                                    with_entropy=with_entropy, with_final_hidden=with_final_hidden, options=self.forward_options)
+                positions += out.positions
                 loss = None
                 for component in active:
                     part, _ = component.loss(batch, mb, out)
@@ -225,7 +234,8 @@ class RLTrainer(BaseTrainer):
                 acc.backward(loss)
                 t_backward += time.perf_counter() - start
             loss_total += loss.detach().double().cpu() / acc.num_processes
-        metrics = {"loss": self.reduce_sum(float(loss_total)), "time/forward": t_forward, "time/backward": t_backward}
+        metrics = {"loss": self.reduce_sum(float(loss_total)), "time/forward": t_forward, "time/backward": t_backward,
+                   **token_metrics(batch.tokens.rows(rows), positions, self.reduce_sum)}
         return {**metrics, **self._component_metrics()}
 
     def _component_metrics(self) -> dict[str, float]:
@@ -343,6 +353,14 @@ class RLTrainer(BaseTrainer):
 
     def close(self) -> None:
         self.verifier.close()
+
+
+def token_metrics(tokens, positions: int, reduce_sum) -> dict[str, float]:
+    """``tokens/forward``: token positions the step's training forwards ran, padding included, and
+    ``tokens/padding_share``: the share of them that was padding (summed over processes)."""
+    real = reduce_sum(float(sum(length.sum() for length in tokens.lengths())))
+    positions = reduce_sum(float(positions))
+    return {"tokens/forward": positions, "tokens/padding_share": 1.0 - real / positions if positions else 0.0}
 
 
 def _longest_generation(recipe: Recipe) -> int:

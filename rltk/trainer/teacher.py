@@ -61,7 +61,10 @@ class Teacher:
         :func:`rltk.trainer.distributed.gathered`), of the teacher (``student`` itself, without
         gradient, when privileged). The whole model is called (a ZeRO-3 engine's hooks need that)
         with its LM head on the last position only; the decoder's output is taken by a hook, so no
-        per-layer hidden states are kept."""
+        per-layer hidden states are kept. The forward runs on the rows' own widths (padding that
+        every row has is cut), and the result is padded back to the batch's T with zeros."""
+        width = batch.completion_ids.shape[1]
+        batch = batch.trimmed()
         model = self.model if self.model is not None else student
         module = getattr(model, "module", model)  # a DeepSpeed engine wraps the teacher
         device = next(module.parameters()).device
@@ -73,7 +76,8 @@ class Teacher:
             model(input_ids=input_ids, attention_mask=attention, position_ids=position_ids, use_cache=False,
                   logits_to_keep=1)
         start, length = batch.prompt_ids.shape[1] - 1, batch.completion_ids.shape[1]
-        return final.value[:, start : start + length], module.get_output_embeddings().weight
+        hidden = torch.nn.functional.pad(final.value[:, start : start + length], (0, 0, 0, width - length))
+        return hidden, module.get_output_embeddings().weight
 
 
 def _load_teacher(cfg: TeacherConfig, student_tokenizer):

@@ -21,7 +21,7 @@ def _rss_bytes() -> int:
 def main(spec: str) -> None:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from rltk.trainer.logprobs import HeadOptions, TokenBatch, forward_logps
+    from rltk.trainer.logprobs import ForwardOptions, TokenBatch, forward_logps
 
     s = json.loads(spec)
     torch.set_num_threads(1)
@@ -39,7 +39,7 @@ def main(spec: str) -> None:
     batch = TokenBatch(torch.randint(0, s["vocab"], (n, p)), prompt_mask, torch.randint(0, s["vocab"], (n, t)),
                        torch.ones(n, t, dtype=torch.long))
     before = _rss_bytes()
-    out = forward_logps(model, batch, 1.0, head=HeadOptions(chunk=s["head_chunk"]))
+    out = forward_logps(model, batch, 1.0, options=ForwardOptions(chunk=s["head_chunk"]))
     out.logps.sum().backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"increase": peak - before, "params": sum(q.numel() for q in model.parameters())}))

@@ -41,7 +41,7 @@ def main(recipe_path: str, out_path: str, mode: str = "grad", correct: str | Non
         rows = torch.arange(acc.process_index * per_rank, (acc.process_index + 1) * per_rank)  # this rank's groups
         head = acc.unwrap_model(trainer.model).get_output_embeddings().weight
         result = {"world": acc.num_processes, "zero_stage": zero_stage(acc),
-                  "micro_batches": len(trainer.micro_batches(rows)),
+                  "micro_batches": len(trainer.micro_batches(full, rows)),
                   "lm_head_sharded": tuple(head.shape) != tuple(whole_shape(head))}  # a ZeRO-3 placeholder
         if mode == "grad":
             metrics = trainer.accumulate_gradients(full, rows)
