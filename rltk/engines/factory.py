@@ -4,24 +4,33 @@ from __future__ import annotations
 from typing import Callable
 
 from rltk.schema import ConfigError, ModelConfig, RolloutConfig
-from rltk.engines.hf import HFEngine
+from rltk.engines.hf import HFEngine, require_continuous_batching
 
 
 def require_engine(cfg: RolloutConfig) -> None:
-    """Fail with one line when the engine's extra is not installed; call before loading any model."""
+    """Fail with one line when the engine's extra is not installed (or a key of the other engine is set);
+    call before loading any model."""
     if cfg.engine == "vllm":
+        for key, value in (("max_tokens_per_batch", cfg.max_tokens_per_batch), ("continuous_batching", cfg.continuous_batching)):
+            if value not in (None, False):
+                raise ConfigError(f"rollout.{key}: applies to the hf engine only (vLLM schedules its own batches); "
+                                  f"remove it or set rollout.engine: hf")
         from rltk.engines.vllm import require_vllm
 
         require_vllm()
+    elif cfg.continuous_batching:
+        require_continuous_batching()
 
 
 def make_engine(cfg: RolloutConfig, get_model: Callable, tokenizer, max_prompt_length: int | None = None, *,
                 accelerator=None, model_cfg: ModelConfig | None = None, max_new_tokens: int | None = None):
-    """``hf`` runs anywhere; ``vllm`` needs the ``vllm`` extra on a CUDA machine (rltk.engines.vllm).
+    """``hf`` runs anywhere (with ``rollout.max_tokens_per_batch`` and ``rollout.continuous_batching``,
+    rltk.engines.hf); ``vllm`` needs the ``vllm`` extra on a CUDA machine (rltk.engines.vllm).
 
     ``max_new_tokens`` is the longest generation the run will ask for (sizes vLLM's context)."""
     if cfg.engine == "hf":
-        return HFEngine(get_model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length)
+        return HFEngine(get_model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length,
+                        max_tokens_per_batch=cfg.max_tokens_per_batch, continuous_batching=cfg.continuous_batching)
     from rltk.engines.vllm import VLLMEngine
 
     return VLLMEngine.create(cfg, get_model, tokenizer, accelerator=accelerator, max_prompt_length=max_prompt_length,
