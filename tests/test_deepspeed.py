@@ -121,6 +121,24 @@ def test_deepspeed_two_processes_match_one(tmp_path, tiny_model_dir, baselines, 
     _compare(baselines["lora" if lora else "full"], json.loads((tmp_path / "two.json").read_text()), zero)
 
 
+@pytest.mark.distributed
+def test_zero3_token_budget_and_packing_match_one_process(tmp_path, tiny_model_dir, baselines, deepspeed_ops):
+    """ZeRO-3 on 2 processes, forwards of at most 60 tokens packed without padding: the loss, the
+    gradient norm and the updated weights of 1 process with 4-row padded micro-batches. Each process
+    runs as many forwards (ZeRO-3 gathers the weights in every one), even when its rows need fewer."""
+    path = _step_recipe(tmp_path, tiny_model_dir, "budget", False)
+    data = json.loads(path.read_text())
+    data["data"]["max_prompt_length"] = 40  # every prompt of the task is shorter: the same rows are kept
+    data["trainer"].update(max_tokens_per_micro_batch=60, padding_free=True)
+    path.write_text(json.dumps(data))
+    launch_deepspeed(cpu_config(tmp_path, "zero3"), [str(WORKER), str(path), str(tmp_path / "two.json"), "step"])
+    one, two = baselines["full"], json.loads((tmp_path / "two.json").read_text())
+    assert two["world"] == 2 and two["zero_stage"] == 3 and two["micro_batches"] > 2
+    assert abs(one["loss"] - two["loss"]) < 1e-6, (one["loss"], two["loss"])
+    assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]
+    assert max(abs(a - b) for a, b in zip(one["weights"], two["weights"])) < 1e-5
+
+
 def _by_step(run: Path) -> dict[int, dict]:
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r for r in rows if "loss" in r}
