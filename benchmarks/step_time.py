@@ -28,8 +28,9 @@ same cores slow each other several-fold). See benchmarks/README.md for measured 
 ``transformers.GenerationMixin.generate`` is wrapped so that each call gets a logits processor
 that suppresses EOS before each row's drawn length and forces it there (90% of the rows drawn
 uniformly in [1, L], 10% in [L + 1, 16·L], L = ``--max-new-tokens``; both sides then generate up to
-16·L tokens). The i-th ``generate`` call of either side gets the same lengths (one seeded draw per
-call index and row). ``--lengths uniform`` (the default) leaves ``generate`` alone.
+16·L tokens). Both sides get the same lengths in every step: the n-th row a run generates has its
+own seeded draw, however a side cuts its rows into ``generate`` calls (each side makes one call of
+``prompts × group_size`` rows per step here). ``--lengths uniform`` (the default) leaves ``generate`` alone.
 
 Both sides report the padding share of their training forwards: a forward pre-hook on the
 decoder counts, in every forward with gradients on (the training forwards), the positions processed
@@ -121,15 +122,17 @@ def generation_limit(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- lengths
-def draw_lengths(call: int, rows: int, short_max: int, *, long_share: float = 0.1, long_factor: int = 16,
+def draw_lengths(first_row: int, rows: int, short_max: int, *, long_share: float = 0.1, long_factor: int = 16,
                  seed: int = 0) -> list[int]:
-    """Completion lengths (EOS included) of the ``call``-th ``generate`` call's ``rows`` rows: with
-    probability ``long_share`` uniform in [short_max + 1, long_factor·short_max], else uniform in
-    [1, short_max]. Each row has its own generator seeded by (seed, call, row) (string seeds hash
-    with SHA-512, the same in every process), so a row's length depends on nothing else."""
+    """Completion lengths (EOS included) of rows ``first_row`` … ``first_row + rows − 1`` of a run
+    (rows counted over all its ``generate`` calls): with probability ``long_share`` uniform in
+    [short_max + 1, long_factor·short_max], else uniform in [1, short_max]. Each row has its own
+    generator seeded by (seed, row) (string seeds hash with SHA-512, the same in every process), so
+    a row's length depends on nothing else: two sides that generate the same number of rows per step
+    get the same lengths in every step, however each cuts its rows into ``generate`` calls."""
     lengths = []
-    for row in range(rows):
-        rng = random.Random(f"rltk-bench:{seed}:{call}:{row}")
+    for row in range(first_row, first_row + rows):
+        rng = random.Random(f"rltk-bench:{seed}:{row}")
         if rng.random() < long_share:
             lengths.append(rng.randint(short_max + 1, long_factor * short_max))
         else:
@@ -178,20 +181,23 @@ def length_processor(lengths: list[int], prompt_width: int, eos_ids: list[int]):
 @contextlib.contextmanager
 def forced_lengths(draw):
     """Within the block every ``generate`` call of any transformers model (``GenerationMixin.generate``)
-    gets :func:`length_processor` with ``draw(call_index, rows)`` lengths; yields a record of the
-    calls (their drawn lengths). Restores ``generate`` on exit."""
+    gets :func:`length_processor` with ``draw(first_row, rows)`` lengths, ``first_row`` the rows of
+    the block's earlier calls; yields a record of the calls (their drawn lengths) and of ``rows``.
+    Restores ``generate`` on exit. Generation that bypasses ``GenerationMixin.generate`` (transformers'
+    continuous batching) is not forced: compare ``rows`` with the rows the run generated."""
     from transformers import GenerationMixin, LogitsProcessorList
 
     original = GenerationMixin.generate
-    record = {"calls": []}
+    record = {"calls": [], "rows": 0}
 
     def generate(self, *args, **kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("forced completion lengths need input_ids")
         rows, width = input_ids.shape
-        lengths = draw(len(record["calls"]), rows)
+        lengths = draw(record["rows"], rows)
         record["calls"].append(lengths)
+        record["rows"] += rows
         config = kwargs.get("generation_config") or self.generation_config
         eos = _eos_ids(kwargs["eos_token_id"]) if kwargs.get("eos_token_id") is not None else \
             _eos_ids(config.eos_token_id)
@@ -402,6 +408,8 @@ def summarise(runs: list[dict]) -> dict:
     parts = [p for run in runs for p in run["parts"]]
     if parts:
         out["breakdown_median_s"] = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+    if any("forced_rows" in run for run in runs):  # --lengths heavy: [rows forced, rows generated] per run
+        out["forced_rows"] = [list(run["forced_rows"]) for run in runs]
     out.update(padding_summary([t for run in runs for t in run["tokens"]],
                                [m for run in runs for m in run["logged"]]))
     return out
@@ -466,11 +474,18 @@ def main(argv: list[str] | None = None) -> dict:
         for i, side in enumerate(args.order.split(",")):
             print(f"{side}: {args.warmup} warm-up + {args.steps} timed steps", flush=True)
             torch.manual_seed(args.seed)
-            forced = forced_lengths(lambda call, rows: draw_lengths(
-                call, rows, args.max_new_tokens, long_share=args.long_share, long_factor=args.long_factor,
+            forced = forced_lengths(lambda first, rows: draw_lengths(
+                first, rows, args.max_new_tokens, long_share=args.long_share, long_factor=args.long_factor,
                 seed=args.seed)) if args.lengths == "heavy" else contextlib.nullcontext()
-            with forced:
+            with forced as record:
                 results[side].append(runners[side](args, model_dir, work / f"run{i}"))
+            if record is not None:  # every row generated in the run must have had its length forced
+                expected = (args.warmup + args.steps) * args.prompts * args.group_size
+                results[side][-1]["forced_rows"] = (record["rows"], expected)
+                if record["rows"] != expected:
+                    print(f"WARNING: {side} generated {expected} rows but {record['rows']} went through "
+                          "GenerationMixin.generate with forced lengths (continuous batching bypasses it): the "
+                          "two sides did not get the same lengths", flush=True)
     report = {
         "config": {k: getattr(args, k) for k in ("steps", "warmup", "prompts", "group_size", "max_new_tokens",
                                                    "threads", "lr", "seed", "order", "lengths", "rltk_set")}

@@ -10,11 +10,13 @@ import torch
 from benchmarks import gpu_step, step_time
 
 
-def test_heavy_lengths_are_seeded_per_call_and_row():
+def test_heavy_lengths_are_seeded_per_row():
     first = step_time.draw_lengths(0, 500, 24, seed=3)
     assert first == step_time.draw_lengths(0, 500, 24, seed=3)  # the same for both sides
-    assert step_time.draw_lengths(0, 20, 24, seed=3) == first[:20]  # a row's length depends on nothing else
-    assert first != step_time.draw_lengths(1, 500, 24, seed=3)  # the next call gets other lengths
+    # a row's length depends on its index alone: one call of 500 rows = calls of 20 and 480 rows
+    assert step_time.draw_lengths(0, 20, 24, seed=3) + step_time.draw_lengths(20, 480, 24, seed=3) == first
+    assert first != step_time.draw_lengths(500, 500, 24, seed=3)  # the next step gets other lengths
+    assert first != step_time.draw_lengths(0, 500, 24, seed=4)
     assert all(1 <= n <= 16 * 24 for n in first)
     long = sum(n > 24 for n in first)
     assert 25 <= long <= 80  # 10% of 500 long, give or take
@@ -36,8 +38,8 @@ def test_forced_lengths_hold_on_both_sides_paths(tiny_model_dir):
     prompts = ["Q: 1+2\nA: ", "Q: 13+22\nA: ", "Q: 7+5\nA: "]
     limit = 4 * 3
 
-    def draw(call, rows):
-        return step_time.draw_lengths(call, rows, 3, long_share=0.4, long_factor=4, seed=1)
+    def draw(first, rows):
+        return step_time.draw_lengths(first, rows, 3, long_share=0.4, long_factor=4, seed=1)
 
     with step_time.forced_lengths(draw) as rltk_side:
         engine = HFEngine(lambda: model, tokenizer)
@@ -54,7 +56,7 @@ def test_forced_lengths_hold_on_both_sides_paths(tiny_model_dir):
             mask, truncated = completion_mask_from_ids(ids, tokenizer.eos_token_id)
             assert mask.sum(1).tolist() == trl_side["calls"][-1]
             assert not truncated.any()
-    assert rltk_side["calls"] == trl_side["calls"]
+    assert rltk_side["calls"] == trl_side["calls"] and rltk_side["rows"] == trl_side["rows"] == 2 * 6
     assert any(n > 3 for call in rltk_side["calls"] for n in call)  # long rows were drawn and held
     assert GenerationMixin.generate is original  # restored on exit
 
