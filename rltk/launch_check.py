@@ -236,6 +236,8 @@ def _micro_batch(recipe: Recipe, shape: ModelShape, layout: LaunchLayout, world:
         return StepShape(rows=recipe.redi.micro_batch_size, prompt=0, completion=recipe.redi.max_length, **common)
     per_rank = max(1, t.prompts_per_step // t.mini_batches // world) * r.group_size
     micro = micro_batch_rows(t.micro_batch_size, r.group_size)
+    if t.max_tokens_per_micro_batch is not None:  # at most that many tokens: as many longest sequences, rounded up
+        micro = -(-t.max_tokens_per_micro_batch // (recipe.data.max_prompt_length + r.max_new_tokens))
     return StepShape(rows=min(micro, per_rank), prompt=recipe.data.max_prompt_length, completion=r.max_new_tokens,
                      **common)
 
@@ -292,7 +294,7 @@ def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, shape: Model
     detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items() if v)
     if need > total_gpu:
         raise ConfigError(f"memory: about {need / GIB:.1f} GiB per GPU ({detail}) exceeds {gpu_memory_gb:g} GiB; "
-                          "lower trainer.micro_batch_size or trainer.head_chunk_tokens, turn on "
+                          "lower trainer.micro_batch_size (or max_tokens_per_micro_batch) or trainer.head_chunk_tokens, turn on "
                           "model.gradient_checkpointing, or use ZeRO-3, offload, LoRA or a lower "
                           "rollout.vllm.gpu_memory_utilization")
     teacher = recipe.teacher.name_or_path if recipe.algorithm.paced is not None else None

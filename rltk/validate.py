@@ -323,8 +323,11 @@ def check_layout(recipe: Recipe, world_size: int) -> list[str]:
     _check_token_budgets(recipe)
     completions = per_rank * r.group_size
     micro = micro_batch_rows(t.micro_batch_size, r.group_size)
-    lines = [f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer "
-             f"step, in micro-batches of {min(micro, completions)} ({-(-completions // micro)} per step)"]
+    head = f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer step"
+    if t.max_tokens_per_micro_batch is not None:
+        packed = ", packed without padding" if t.padding_free else ""
+        return [f"{head}, sorted by length into forwards of at most {t.max_tokens_per_micro_batch} tokens{packed}"]
+    lines = [f"{head}, in micro-batches of {min(micro, completions)} ({-(-completions // micro)} per step)"]
     if micro != t.micro_batch_size:
         lines.append(f"note: micro_batch_size {t.micro_batch_size} is rounded down to {micro} (whole groups)")
     return lines

@@ -140,6 +140,18 @@ def test_memory_counts_the_micro_batch_and_names_the_precision(tmp_path):
     assert next(line for line in asleep if line.startswith("memory:")).startswith("memory: about 63.0 of 80 GiB")  # states 23.0 + max(vLLM 40, step 21.6)
 
 
+def test_a_token_budget_is_counted_as_that_many_longest_sequences(tmp_path):
+    """max_tokens_per_micro_batch 16,384 of 4,096-token sequences: the figure of 4-row micro-batches."""
+    budget = _check(tmp_path, ["trainer.max_tokens_per_micro_batch=16384", "trainer.padding_free=true"])
+    rows = _check(tmp_path, ["trainer.micro_batch_size=4"])
+    memory = [next(line for line in lines if line.startswith("memory:")) for lines in (budget, rows)]
+    assert memory[0] == memory[1] and "activations 4.6" in memory[0]
+    assert budget[1].endswith("sorted by length into forwards of at most 16384 tokens, packed without padding")
+    with pytest.raises(ConfigError, match=r"^trainer.max_tokens_per_micro_batch \(4000\) is smaller than the longest "
+                                          r"sequence, data.max_prompt_length \+ rollout.max_new_tokens = 4096 tokens$"):
+        _check(tmp_path, ["trainer.max_tokens_per_micro_batch=4000"])
+
+
 def test_server_mode_subtracts_the_server_gpus(tmp_path):
     # 8 GPUs, server on 1: 7 training processes cannot split 32 prompts per step ...
     with pytest.raises(ConfigError, match="cannot be split over 7 training processes"):
