@@ -103,6 +103,14 @@ class BaseTrainer:
         self.forward_options = replace(self.forward_options, layout=forward_layout(t, model),
                                        max_tokens=t.max_tokens_per_micro_batch, count_over_ranks=self.max_over_ranks)
 
+    def mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
+        """Every value of ``metrics`` averaged over processes (every process must call it)."""
+        if self.accelerator.num_processes == 1:
+            return metrics
+        keys = sorted(metrics)
+        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
+        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist()))
+
     def max_over_ranks(self, count: int) -> int:
         """The largest ``count`` over processes (every process must call it when there are several)."""
         acc = self.accelerator

@@ -77,3 +77,11 @@ def plan(rows: Tensor, prompt_len: Tensor, completion_len: Tensor, *, max_rows: 
         return fixed_rows(rows, max_rows)
     return token_budget(rows, prompt_len, completion_len, max_tokens, unit=unit, packed=packed,
                         count_over_ranks=count_over_ranks)
+
+
+def token_metrics(tokens, positions: int, reduce_sum) -> dict[str, float]:
+    """``tokens/forward``: token positions the step's training forwards ran, padding included, and
+    ``tokens/padding_share``: the share of them that was padding (summed over processes)."""
+    real = reduce_sum(float(sum(length.sum() for length in tokens.lengths())))
+    positions = reduce_sum(float(positions))
+    return {"tokens/forward": positions, "tokens/padding_share": 1.0 - real / positions if positions else 0.0}

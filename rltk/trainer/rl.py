@@ -4,7 +4,7 @@ advantage pipeline → loss over micro-batches → optimizer step → metrics �
 Batch semantics are stated in prompts: each rollout batch takes ``prompts_per_step`` prompts ×
 ``group_size`` completions, split over processes by whole prompt groups, then into
 ``mini_batches`` optimizer steps (repeated ``ppo_epochs`` times), each cut into micro-batches of
-``micro_batch_size`` completions. The aggregation normaliser of an optimizer step is summed over
+``micro_batch_size`` completions or ``max_tokens_per_micro_batch`` tokens. The aggregation normaliser of an optimizer step is summed over
 all its micro-batches and all ranks before any backward, so the step's loss and gradient do not
 depend on how it is cut (docs/algorithms/reference.md §0.3).
 """
@@ -36,7 +36,7 @@ from rltk.trainer.collector import RolloutCollector, TrainingData, check_reward_
 from rltk.trainer.distributed import attach_generation, generation_session, micro_batch_sync, prepare_frozen
 from rltk.trainer.guard import TrainingError, check_saveable
 from rltk.trainer.logprobs import forward_logps
-from rltk.trainer.micro_batches import plan
+from rltk.trainer.micro_batches import plan, token_metrics
 from rltk.trainer.loss import AnswerSFTLoss, PacedLoss, PolicyLoss
 from rltk.trainer.metrics import CompletionLog, progress_bar
 from rltk.trainer.paced import make_paced
@@ -82,9 +82,10 @@ class RLTrainer(BaseTrainer):
         self.paced = make_paced(recipe, self.tokenizer, self.accelerator)  # PACED distillation, or None
         self._setup_data()
         self.sampler = algorithm.make_sampler(len(self.train_examples), t.seed)  # a failure: one line naming it
+        longest = max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)  # sizes vLLM's context
         self.engine = make_engine(recipe.rollout, lambda: self.accelerator.unwrap_model(self.model),
                                   self.tokenizer, recipe.data.max_prompt_length, accelerator=self.accelerator,
-                                  model_cfg=recipe.model, max_new_tokens=_longest_generation(recipe))
+                                  model_cfg=recipe.model, max_new_tokens=longest)
         attach_generation(self.engine, self.accelerator, lambda: self.model)
         from rewards.math import MathVerifier
 
@@ -184,10 +185,8 @@ class RLTrainer(BaseTrainer):
         """Cut ``rows`` into micro-batches (rltk/trainer/micro_batches.py): ``micro_batch_size`` rows in
         order (whole groups when it holds at least one), or by ``max_tokens_per_micro_batch``, whole
         groups together where the loss reads groups."""
-        t, group = self.recipe.trainer, self.recipe.rollout.group_size
-        options = self.forward_options
-        prompt_len, completion_len = batch.tokens.rows(rows).lengths()
-        return plan(rows, prompt_len, completion_len, max_rows=micro_batch_rows(t.micro_batch_size, group),
+        t, group, options = self.recipe.trainer, self.recipe.rollout.group_size, self.forward_options
+        return plan(rows, *batch.tokens.rows(rows).lengths(), max_rows=micro_batch_rows(t.micro_batch_size, group),
                     max_tokens=t.max_tokens_per_micro_batch, unit=group if self.pipeline.whole_groups else 1,
                     packed=options.layout == "packed", count_over_ranks=options.count_over_ranks)
 
@@ -288,16 +287,9 @@ class RLTrainer(BaseTrainer):
         metrics = {k: sum(v) / len(v) for k, v in step_metrics.items()}
         for key in ("time/forward", "time/backward"):
             metrics[key] = sum(step_metrics[key])
-        metrics.update(self._mean_over_ranks(batch.metrics))
+        metrics.update(self.mean_over_ranks(batch.metrics))
         metrics["time/step"] = time.perf_counter() - start
         return metrics
-
-    def _mean_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
-        if self.accelerator.num_processes == 1:
-            return metrics
-        keys = sorted(metrics)
-        values = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64, device=self.accelerator.device)
-        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist()))
 
     # ------------------------------------------------------------------ evaluation and the loop
     def evaluate(self, tag: str) -> dict[str, Any]:
@@ -353,16 +345,3 @@ class RLTrainer(BaseTrainer):
 
     def close(self) -> None:
         self.verifier.close()
-
-
-def token_metrics(tokens, positions: int, reduce_sum) -> dict[str, float]:
-    """``tokens/forward``: token positions the step's training forwards ran, padding included, and
-    ``tokens/padding_share``: the share of them that was padding (summed over processes)."""
-    real = reduce_sum(float(sum(length.sum() for length in tokens.lengths())))
-    positions = reduce_sum(float(positions))
-    return {"tokens/forward": positions, "tokens/padding_share": 1.0 - real / positions if positions else 0.0}
-
-
-def _longest_generation(recipe: Recipe) -> int:
-    return max(recipe.rollout.max_new_tokens, recipe.eval.max_new_tokens or 0)
-
