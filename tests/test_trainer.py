@@ -125,3 +125,25 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, tiny_model_dir, monkeyp
             trainer.train_batch()
     finally:
         trainer.close()
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_policy_trains_in_training_mode_so_checkpointing_runs(tmp_path, tiny_model_dir, checkpointing):
+    """from_pretrained returns eval mode, where transformers skips activation checkpointing: the
+    trainer switches the policy to training mode (generation restores it), so with
+    model.gradient_checkpointing every decoder layer's forward goes through the checkpoint."""
+    data = small_recipe_data(tiny_model_dir, tmp_path, model={"gradient_checkpointing": checkpointing},
+                             trainer={"prompts_per_step": 2})
+    trainer = RLTrainer(build_recipe(data))
+    calls = []
+    try:
+        batch = trainer.collect()
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        assert policy.training
+        for layer in policy.model.layers:
+            checkpoint = getattr(layer, "_gradient_checkpointing_func", None)
+            layer._gradient_checkpointing_func = lambda fn, *a, _c=checkpoint, **k: calls.append(1) or _c(fn, *a, **k)
+        trainer.accumulate_gradients(batch, torch.arange(8))
+    finally:
+        trainer.close()
+    assert len(calls) == (len(policy.model.layers) if checkpointing else 0)

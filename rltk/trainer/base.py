@@ -94,6 +94,7 @@ class BaseTrainer:
         from transformers import get_scheduler
 
         t = self.recipe.trainer
+        model.train()  # from_pretrained returns eval mode, in which transformers skips gradient checkpointing
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=lr, betas=tuple(t.adam_betas), weight_decay=t.weight_decay)
         schedule = get_scheduler(scheduler, optimizer, num_warmup_steps=warmup_steps(warmup_ratio, steps),

@@ -102,7 +102,6 @@ class RediTrainer(BaseTrainer):
         total = cfg.epochs * self.steps_per_epoch
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps else total
         model = load_model(model_path, recipe.model)
-        model.train()
         self.prepare(model, lr=cfg.lr, scheduler=cfg.lr_scheduler, warmup_ratio=cfg.warmup_ratio,
                      steps=self.total_steps, micro_batch_size=cfg.micro_batch_size)
 
