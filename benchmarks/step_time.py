@@ -218,8 +218,8 @@ class ForwardTokens:
 
     A forward pre-hook on the decoder (``model.get_decoder()``; both trainers reach it through the
     causal LM's forward) counts every call made with gradients enabled, so generation and no-grad
-    log-prob forwards are left out (``model.training`` is no guide: rltk's RL trainer leaves the
-    policy in the eval mode ``from_pretrained`` returns): positions = ``input_ids.numel()``, real
+    log-prob forwards are left out (generation runs with the model in eval mode, but no-grad
+    log-prob forwards do not): positions = ``input_ids.numel()``, real
     tokens = the 2-D attention mask's sum. A forward without such a mask (packed sequences) adds its
     positions to ``unmasked``: its padding cannot be counted here. The mask sums stay tensors until
     :meth:`take`, so counting adds no device synchronisation inside a step."""
