@@ -196,3 +196,21 @@ def test_factory_passes_the_keys_and_refuses_them_with_vllm(tiny_model_dir):
     for key, value in (("max_tokens_per_batch", 512), ("continuous_batching", True)):
         with pytest.raises(ConfigError, match=f"^rollout.{key}: applies to the hf engine only"):
             require_engine(RolloutConfig(engine="vllm", **{key: value}))
+
+
+def test_generation_benchmark_runs(tiny_model_dir, capsys):
+    """benchmarks/generation.py end to end at a toy size: one line per mode, ratios to plain."""
+    from benchmarks import generation
+
+    threads = torch.get_num_threads()
+    try:
+        generation.main(["--prompts", "3", "--group-size", "2", "--max-new-tokens", "4", "--repeats", "1",
+                         "--model-dir", tiny_model_dir, "--threads", str(threads),
+                         "--modes", "plain,budget,continuous:2"])
+    finally:
+        torch.set_num_threads(threads)
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split() for line in lines[2:]}
+    assert list(rows) == ["plain", "budget", "continuous:2"]
+    assert rows["plain"][-1] == "1.00" and rows["continuous:2"][1] == "2"
+    assert all(float(r[-1]) > 0 and int(r[4]) > 0 for r in rows.values())
