@@ -180,6 +180,8 @@ def test_continuous_batching_refuses_autocast_over_float32_weights(model_and_tok
             HFEngine(lambda: model, tok, continuous_batching=True).generate(PROMPTS[:1], GREEDY)
     finally:
         del model._original_forward
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(ConfigError, match="autocast over float32"):
+        HFEngine(lambda: model, tok, continuous_batching=True).generate(PROMPTS[:1], GREEDY)
     assert model.training
 
 

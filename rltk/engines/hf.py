@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 from typing import Callable, ContextManager
 
@@ -26,8 +25,6 @@ import torch
 
 from rltk.engines.base import Generation, SamplingParams, completion_mask_from_ids, pad_left, pad_right
 from rltk.schema import ConfigError
-
-log = logging.getLogger(__name__)
 
 # page size of the continuous-batching KV cache (tokens per block): small, so that short rows of a
 # CPU run waste little of it; transformers' default (256) is sized for GPUs and long sequences
@@ -224,7 +221,8 @@ class HFEngine:
             raise ConfigError("rollout.continuous_batching: not supported under DeepSpeed ZeRO-3 (transformers runs the "
                               "forward of the gathered model in a background thread, untested with ZeRO-3's parameter "
                               "hooks); set rollout.continuous_batching: false or use ZeRO-2/DDP")
-        if model.dtype == torch.float32 and (torch.is_autocast_enabled() or getattr(model, "_original_forward", None)):
+        if model.dtype == torch.float32 and (torch.is_autocast_enabled(model.device.type)
+                                            or getattr(model, "_original_forward", None) is not None):
             # accelerate's mixed precision wraps forward in autocast (``_original_forward`` is its mark)
             raise ConfigError("rollout.continuous_batching: the policy computes in bf16/fp16 by autocast over float32 "
                               "weights, and transformers allocates its paged KV cache in the weights' dtype (float32), "
