@@ -350,6 +350,11 @@ def _check_token_budgets(recipe: Recipe) -> None:
         if budget < longest:
             raise ConfigError(f"trainer.max_tokens_per_micro_batch ({budget}) is smaller than the longest sequence, "
                               f"data.max_prompt_length + rollout.max_new_tokens = {longest} tokens")
+    if r.engine != "hf":
+        for key, value in (("max_tokens_per_batch", r.max_tokens_per_batch), ("continuous_batching", r.continuous_batching)):
+            if value not in (None, False):
+                raise ConfigError(f"rollout.{key}: applies to the hf engine only (vLLM schedules its own batches); "
+                                  "remove it or set rollout.engine: hf")
     if r.max_tokens_per_batch is not None:
         _positive(r.max_tokens_per_batch, "rollout.max_tokens_per_batch")
         generated = max(r.max_new_tokens, recipe.eval.max_new_tokens or r.max_new_tokens)

@@ -185,7 +185,7 @@ def test_continuous_batching_refuses_autocast_over_float32_weights(model_and_tok
     assert model.training
 
 
-def test_factory_passes_the_keys_and_refuses_them_with_vllm(tiny_model_dir):
+def test_factory_passes_the_keys_and_loading_refuses_them_with_vllm(tiny_model_dir):
     from rltk.engines.factory import make_engine, require_engine
     from rltk.schema import RolloutConfig
 
@@ -195,9 +195,11 @@ def test_factory_passes_the_keys_and_refuses_them_with_vllm(tiny_model_dir):
     assert (engine.batch_size, engine.max_tokens_per_batch, engine.continuous_batching) == (16, 512, True)
     plain = make_engine(RolloutConfig(), lambda: None, tokenizer=None)
     assert (plain.max_tokens_per_batch, plain.continuous_batching) == (None, False)
-    for key, value in (("max_tokens_per_batch", 512), ("continuous_batching", True)):
+    from rltk.validate import build_recipe
+
+    for key, value in (("max_tokens_per_batch", 4096), ("continuous_batching", True)):
         with pytest.raises(ConfigError, match=f"^rollout.{key}: applies to the hf engine only"):
-            require_engine(RolloutConfig(engine="vllm", **{key: value}))
+            build_recipe({"model": {"name_or_path": tiny_model_dir}, "rollout": {"engine": "vllm", key: value}})
 
 
 def test_generation_benchmark_runs(tiny_model_dir, capsys):

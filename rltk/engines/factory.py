@@ -8,13 +8,9 @@ from rltk.engines.hf import HFEngine, require_continuous_batching
 
 
 def require_engine(cfg: RolloutConfig) -> None:
-    """Fail with one line when the engine's extra is not installed (or a key of the other engine is set);
-    call before loading any model."""
+    """Fail with one line when the engine's extra is not installed; call before loading any model.
+    (Keys of the other engine are refused when the recipe loads: rltk.validate.)"""
     if cfg.engine == "vllm":
-        for key, value in (("max_tokens_per_batch", cfg.max_tokens_per_batch), ("continuous_batching", cfg.continuous_batching)):
-            if value not in (None, False):
-                raise ConfigError(f"rollout.{key}: applies to the hf engine only (vLLM schedules its own batches); "
-                                  f"remove it or set rollout.engine: hf")
         from rltk.engines.vllm import require_vllm
 
         require_vllm()
