@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # lowest first; a module may import its own floor and every floor below it
 FLOORS = [
-    ("ground", ["rltk.schema", "rltk.io", "rltk.describe"]),
+    ("ground", ["rltk.schema", "rltk.io", "rltk.describe", "rltk.batching"]),
     ("libraries", ["rltk.algos", "rltk.data", "rewards", "rltk.models", "rltk.engines", "rltk.memory",
                    "rltk.precision"]),
     ("validation", ["rltk.validate", "rltk.eval"]),

@@ -1,4 +1,4 @@
-"""Token-budget micro-batches and padding-free packing (rltk/trainer/micro_batches.py,
+"""Token-budget micro-batches and padding-free packing (rltk/batching.py,
 rltk/trainer/packing.py): the plans respect their budgets and cover every row once, and trimmed and
 packed forwards give the padded forward's log-probs, entropies, hidden states and gradients; the
 trainer's step loss and gradient do not depend on the cut."""
@@ -12,7 +12,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from rltk.schema import ConfigError
 from rltk.trainer.logprobs import ForwardOptions, TokenBatch, chunked_logps, forward_logps
-from rltk.trainer.micro_batches import fixed_rows, plan, token_budget
+from rltk.batching import fixed_rows, plan, token_budget
 from rltk.trainer.packing import first_fit_decreasing, pack, packing_unavailable
 from rltk.trainer.rl import RLTrainer
 from rltk.validate import build_recipe

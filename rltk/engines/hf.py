@@ -23,6 +23,7 @@ from typing import Callable, ContextManager
 
 import torch
 
+from rltk.batching import token_budget
 from rltk.engines.base import Generation, SamplingParams, completion_mask_from_ids, pad_left, pad_right
 from rltk.schema import ConfigError
 
@@ -35,21 +36,13 @@ def plan_token_batches(lengths: list[int], max_new_tokens: int, max_tokens: int,
     """Row indices of each ``generate`` call: rows sorted by prompt length, longest first (a stable
     sort, so the completions of one prompt stay together and in order), cut greedily so that each
     call holds at most ``max_rows`` rows and rows × (its longest prompt + ``max_new_tokens``) ≤
-    ``max_tokens``. A row longer than the budget on its own is a call of its own (validate.py
-    refuses such a recipe; prompts longer than ``data.max_prompt_length`` can still reach an engine)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    calls: list[list[int]] = []
-    longest = 0
-    for i in order:
-        current = calls[-1] if calls else None
-        if current is not None and len(current) < max_rows and \
-                (len(current) + 1) * (max(longest, lengths[i]) + max_new_tokens) <= max_tokens:
-            current.append(i)
-            longest = max(longest, lengths[i])
-        else:
-            calls.append([i])
-            longest = lengths[i]
-    return calls
+    ``max_tokens`` (:func:`rltk.batching.token_budget`). A row longer than the budget on its own is
+    a call of its own (validate.py refuses such a recipe; prompts longer than
+    ``data.max_prompt_length`` can still reach an engine)."""
+    n = len(lengths)
+    calls = token_budget(torch.arange(n), torch.tensor(lengths), torch.full((n,), max_new_tokens), max_tokens,
+                         max_rows=max_rows)
+    return [call.tolist() for call in calls]
 
 
 def require_continuous_batching() -> None:

@@ -104,7 +104,7 @@ class ForwardOptions:
     :func:`rltk.algos.linear_logps.linear_logps` (0: the dense path, full logits), matmuls in
     ``compute_dtype`` (bf16 under mixed precision; default: the weights' dtype). The rows:
     ``layout`` (module docstring); ``max_tokens`` the token budget of one forward (None: forwards
-    of a fixed number of rows, rltk/trainer/micro_batches.py); ``count_over_ranks`` turns this
+    of a fixed number of rows, rltk/batching.py); ``count_over_ranks`` turns this
     process's number of forwards into the largest over processes (ZeRO-3 gathers weights in every
     forward, so all processes must run as many)."""
 
@@ -272,8 +272,8 @@ def chunked_logps(
     options: ForwardOptions = ForwardOptions(),
 ) -> ForwardOutput:
     """No-grad log-probs (and hidden states) of a whole batch: ``chunk_size`` rows per forward, or
-    forwards of at most ``options.max_tokens`` tokens (rltk/trainer/micro_batches.py)."""
-    from rltk.trainer.micro_batches import plan
+    forwards of at most ``options.max_tokens`` tokens (rltk/batching.py)."""
+    from rltk.batching import plan
 
     prompt_len, completion_len = batch.lengths()
     forwards = plan(torch.arange(len(batch)), prompt_len, completion_len, max_rows=chunk_size,

@@ -36,7 +36,7 @@ from rltk.trainer.collector import RolloutCollector, TrainingData, check_reward_
 from rltk.trainer.distributed import attach_generation, generation_session, micro_batch_sync, prepare_frozen
 from rltk.trainer.guard import TrainingError, check_saveable
 from rltk.trainer.logprobs import forward_logps
-from rltk.trainer.micro_batches import plan, token_metrics
+from rltk.batching import plan, token_metrics
 from rltk.trainer.loss import AnswerSFTLoss, PacedLoss, PolicyLoss
 from rltk.trainer.metrics import CompletionLog, progress_bar
 from rltk.trainer.paced import make_paced
@@ -182,7 +182,7 @@ class RLTrainer(BaseTrainer):
 
     # ------------------------------------------------------------------ optimisation
     def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
-        """Cut ``rows`` into micro-batches (rltk/trainer/micro_batches.py): ``micro_batch_size`` rows in
+        """Cut ``rows`` into micro-batches (rltk/batching.py): ``micro_batch_size`` rows in
         order (whole groups when it holds at least one), or by ``max_tokens_per_micro_batch``, whole
         groups together where the loss reads groups."""
         t, group, options = self.recipe.trainer, self.recipe.rollout.group_size, self.forward_options

@@ -1,4 +1,4 @@
-"""Which rows go into each forward: a fixed number of rows in order, or a token budget.
+"""Which rows go into each forward (or generate call): a fixed number of rows in order, or a token budget.
 
 With a token budget (``trainer.max_tokens_per_micro_batch``) the rows are sorted by length, longest
 first, and taken while the forward stays within the budget: ``rows × (longest prompt + longest
@@ -29,10 +29,12 @@ def fixed_rows(rows: Tensor, size: int) -> list[Tensor]:
 
 
 def token_budget(rows: Tensor, prompt_len: Tensor, completion_len: Tensor, max_tokens: int, *, unit: int = 1,
-                 packed: bool = False, count_over_ranks: Callable[[int], int] | None = None) -> list[Tensor]:
+                 packed: bool = False, max_rows: int | None = None,
+                 count_over_ranks: Callable[[int], int] | None = None) -> list[Tensor]:
     """``rows`` (their real prompt and completion lengths alongside) cut into forwards of at most
     ``max_tokens`` tokens, counted as the forward will run them (padded to the micro-batch's own
-    widths, or ``packed``); ``unit`` consecutive rows stay together."""
+    widths, or ``packed``), and at most ``max_rows`` rows; ``unit`` consecutive rows stay together.
+    The hf engine cuts its generate calls with it too (completion length = ``max_new_tokens``)."""
     if len(rows) % unit:
         raise ValueError(f"{len(rows)} rows do not split into whole units of {unit}")
     units = rows.reshape(-1, unit)
@@ -44,7 +46,8 @@ def token_budget(rows: Tensor, prompt_len: Tensor, completion_len: Tensor, max_t
         p, c = int(prompt[u].max()), int(completion[u].max())
         grown_tokens = tokens + int((prompt[u] + completion[u]).sum())
         grown_padded = (count + unit) * (max(longest_prompt, p) + max(longest_completion, c))
-        if batches and (grown_tokens if packed else grown_padded) <= max_tokens:
+        fits_rows = max_rows is None or count + unit <= max_rows
+        if batches and fits_rows and (grown_tokens if packed else grown_padded) <= max_tokens:
             batches[-1].append(u)
             count, tokens = count + unit, grown_tokens
             longest_prompt, longest_completion = max(longest_prompt, p), max(longest_completion, c)
