@@ -106,7 +106,7 @@ def test_doc_loss_component_adds_its_own_normalised_gradient(tmp_path, tiny_mode
         with_component = torch.cat([p.grad.flatten() for p in params])
         trainer.optimizer.zero_grad(set_to_none=True)
         out = forward_logps(trainer.model, batch.tokens.rows(rows), trainer.recipe.rollout.temperature,
-                            head=trainer.head)
+                            options=trainer.forward_options)
         mask = batch.rollouts.completion_mask * correct.float().unsqueeze(-1)
         nll = -(out.logps * mask).sum()
         (0.5 * nll / mask.sum()).backward()
