@@ -18,13 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rewards.format import format_reward
+from rewards.length import overlong_reward
 from rewards.math import math_reward
 from rltk.describe import describe_exception, function_name
 
 __all__ = ["CALL_ARGUMENTS", "REWARD_COLUMNS", "REWARD_FUNCTIONS", "RewardError", "RewardFunction",
            "check_reward_values", "get_reward_function", "load_reward_function"]
 
-REWARD_FUNCTIONS: dict[str, Callable[..., list]] = {"math": math_reward, "format": format_reward}
+REWARD_FUNCTIONS: dict[str, Callable[..., list]] = {"math": math_reward, "format": format_reward,
+                                                    "overlong": overlong_reward}
 """Built-in rewards, with TRL's signature ``fn(completions, **kwargs) -> list[float | None]``."""
 
 CALL_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state")

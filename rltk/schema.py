@@ -216,7 +216,7 @@ class RewardSpec:
     """One reward: a function (``name``) or a reward model (``model``), exactly one of the two.
     Functions are called as TRL's GRPOTrainer calls them (docs/recipes.md, "Reward functions")."""
 
-    name: Union[str, None] = None  # "math", "format", or an import path "pkg.module:function"
+    name: Union[str, None] = None  # "math", "format", "overlong", or an import path "pkg.module:function"
     model: Union[str, None] = None  # a sequence-classification reward model: local directory or Hub id
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)  # extra keyword arguments of the function

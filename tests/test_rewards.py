@@ -565,7 +565,10 @@ def test_format_reward(completion, expected):
 def test_registry_names():
     assert get_reward_function("math") is math_reward
     assert get_reward_function("format") is format_reward
-    assert set(REWARD_FUNCTIONS) == {"math", "format"}
+    assert set(REWARD_FUNCTIONS) == {"math", "format", "overlong"}
+    from rewards.length import overlong_reward
+
+    assert get_reward_function("overlong") is overlong_reward
 
 
 def test_registry_import_path():
