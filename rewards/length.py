@@ -28,13 +28,21 @@ def overlong_penalty(length: int, max_length: int, buffer: int) -> float:
     return -1.0
 
 
+def check_overlong_settings(max_length: int = 20480, buffer: int = 4096, **_) -> None:
+    """One line unless ``0 < buffer <= max_length`` are integers (called when the recipe loads)."""
+    if isinstance(max_length, bool) or isinstance(buffer, bool) or not isinstance(max_length, int) \
+            or not isinstance(buffer, int) or not 0 < buffer <= max_length:
+        raise ValueError(f"overlong: needs integers 0 < buffer <= max_length, got buffer={buffer!r}, "
+                         f"max_length={max_length!r}")
+
+
 def overlong_reward(completion_ids: Sequence[Sequence[int]], max_length: int = 20480, buffer: int = 4096,
                     **kwargs) -> list[float]:
     """TRL-style reward function: the soft overlong punishment of every completion. Set
     ``max_length`` to the generation limit (``rollout.max_new_tokens``) and ``buffer`` through the
     entry's ``kwargs``: ``rewards: [{name: math}, {name: overlong, kwargs: {max_length: 3072, buffer: 512}}]``."""
-    if isinstance(max_length, bool) or isinstance(buffer, bool) or not isinstance(max_length, int) \
-            or not isinstance(buffer, int) or not 0 < buffer <= max_length:
-        raise ValueError(f"overlong: needs integers 0 < buffer <= max_length, got buffer={buffer!r}, "
-                         f"max_length={max_length!r}")
+    check_overlong_settings(max_length, buffer)
     return [overlong_penalty(len(ids), max_length, buffer) for ids in completion_ids]
+
+
+overlong_reward.check_settings = check_overlong_settings  # rewards.registry checks the recipe's kwargs with it

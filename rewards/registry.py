@@ -106,6 +106,9 @@ def load_reward_function(name: str, weight: float = 1.0, kwargs: dict[str, Any] 
     itself. Its required parameters that rltk does not pass are the dataset columns it needs."""
     function = get_reward_function(name)
     kwargs = dict(kwargs or {})
+    check_settings = getattr(function, "check_settings", None)  # a built-in's own check of its kwargs
+    if check_settings is not None:
+        check_settings(**kwargs)
     passed = set(CALL_ARGUMENTS) | set(REWARD_COLUMNS)
     clash = sorted(set(kwargs) & passed)
     if clash:

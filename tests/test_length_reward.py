@@ -7,6 +7,7 @@ import torch
 
 from rewards.length import overlong_penalty, overlong_reward
 from rewards.registry import load_reward_function
+from rltk.schema import ConfigError
 from rltk.trainer.rl import RLTrainer
 from rltk.validate import build_recipe
 from tests.conftest import small_recipe_data
@@ -28,6 +29,13 @@ def test_dapo_setting_ramps_from_16384_to_20480():
 def test_bad_settings_are_one_line(kwargs):
     with pytest.raises(ValueError, match=r"^overlong: needs integers 0 < buffer <= max_length"):
         overlong_reward([[1]], **{"max_length": 10, "buffer": 4, **kwargs})
+
+
+def test_bad_settings_fail_when_the_recipe_loads(tmp_path, tiny_model_dir):
+    data = small_recipe_data(tiny_model_dir, tmp_path, rewards=[{"name": "overlong", "kwargs": {"buffer": 0}}])
+    with pytest.raises(ConfigError, match=r"^rewards\[0\]: overlong: needs integers 0 < buffer <= max_length, "
+                                          r"got buffer=0, max_length=20480$"):
+        build_recipe(data)
 
 
 def test_recipe_entry_and_the_rewards_that_reach_the_advantages(tmp_path, tiny_model_dir):
