@@ -294,8 +294,8 @@ def _check_memory(recipe: Recipe, layout: LaunchLayout, world: int, shape: Model
     detail = ", ".join(f"{k} {v / GIB:.1f}" for k, v in parts.items() if v)
     if need > total_gpu:
         raise ConfigError(f"memory: about {need / GIB:.1f} GiB per GPU ({detail}) exceeds {gpu_memory_gb:g} GiB; "
-                          "lower trainer.micro_batch_size (or max_tokens_per_micro_batch) or trainer.head_chunk_tokens, turn on "
-                          "model.gradient_checkpointing, or use ZeRO-3, offload, LoRA or a lower "
+                          "lower trainer.micro_batch_size (or max_tokens_per_micro_batch) or trainer.head_chunk_tokens, "
+                          "turn on model.gradient_checkpointing, or use ZeRO-3, offload, LoRA or a lower "
                           "rollout.vllm.gpu_memory_utilization")
     teacher = recipe.teacher.name_or_path if recipe.algorithm.paced is not None else None
     unknown = f"; teacher '{teacher}' not counted (size unknown)" if teacher and "teacher model" not in parts else ""

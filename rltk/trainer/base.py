@@ -38,11 +38,11 @@ def warmup_steps(ratio: float, steps: int) -> int:
 def forward_layout(t: TrainerConfig, model: torch.nn.Module) -> Layout:
     """How the log-prob forwards lay out their rows (rltk/trainer/logprobs.py), logged once:
     ``packed`` with ``trainer.padding_free`` where the model supports it (else ``trimmed``, saying
-    why), ``trimmed`` with a token budget, ``padded`` otherwise."""
+    why), ``trimmed`` with a token budget, ``padded`` otherwise. ``model`` is the unwrapped model."""
     if t.padding_free:
         why = "the dense LM head (trainer.head_chunk_tokens: 0)" if t.head_chunk_tokens == 0 else None
-        why = why or packing_unavailable(getattr(model, "module", model)) or (
-            None if chunkable_head(getattr(model, "module", model)) is not None else "its LM head is not a plain Linear")
+        why = why or packing_unavailable(model) or (
+            None if chunkable_head(model) is not None else "its LM head is not a plain Linear")
         if why is None:
             log.info("forwards: padding-free, sequences packed without padding (trainer.padding_free)")
             return "packed"
@@ -82,7 +82,8 @@ class BaseTrainer:
             check_writable(self.out)
         set_seed(t.seed, device_specific=True)
         self.step = 0
-        self.forward_options = ForwardOptions(t.head_chunk_tokens, compute_dtype(self.accelerator))  # every log-prob forward
+        # every log-prob forward; prepare() adds the layout and the token budget
+        self.forward_options = ForwardOptions(t.head_chunk_tokens, compute_dtype(self.accelerator))
         self.guard = NonFiniteGuard(t.max_bad_steps, hint)
 
     def prepare(self, model: torch.nn.Module, *, lr: float, scheduler: str, warmup_ratio: float, steps: int,

@@ -118,5 +118,6 @@ def add_requested_forwards(rollouts: Rollouts, tokens: TokenBatch, needs: set[st
                 updates["extra"] = {**rollouts.extra, "hidden_layers": {k: v.float().cpu() for k, v in out.hidden.items()}}
     if "ref_logps" in needs:
         with reference() as ref_model:
-            updates["ref_logps"] = chunked_logps(ref_model, tokens, temperature, chunk_size, options=options).logps.cpu()
+            ref = chunked_logps(ref_model, tokens, temperature, chunk_size, options=options)
+            updates["ref_logps"] = ref.logps.cpu()
     return replace(rollouts, **updates)

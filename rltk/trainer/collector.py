@@ -166,7 +166,8 @@ class RolloutCollector:
         )
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.policy, reference=self.reference,
-                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size, options=self.forward_options)
+                                          temperature=r.temperature, chunk_size=t.logprob_chunk_size,
+                                          options=self.forward_options)
         rollouts, is_metrics = self.correction.apply(rollouts, generation.sampling_logps)
         timings.update(is_metrics)
         answer_batch = None

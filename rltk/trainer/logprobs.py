@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from rltk.algos.linear_logps import DEFAULT_TOKEN_CHUNK, linear_logps
+from rltk.batching import plan
 from rltk.trainer.distributed import gathered
 from rltk.trainer.packing import ONE_ROW_PACKING, attention_implementation, pack
 
@@ -273,8 +274,6 @@ def chunked_logps(
 ) -> ForwardOutput:
     """No-grad log-probs (and hidden states) of a whole batch: ``chunk_size`` rows per forward, or
     forwards of at most ``options.max_tokens`` tokens (rltk/batching.py)."""
-    from rltk.batching import plan
-
     prompt_len, completion_len = batch.lengths()
     forwards = plan(torch.arange(len(batch)), prompt_len, completion_len, max_rows=chunk_size,
                     max_tokens=options.max_tokens, packed=options.layout == "packed",

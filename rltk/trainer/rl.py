@@ -4,9 +4,9 @@ advantage pipeline → loss over micro-batches → optimizer step → metrics �
 Batch semantics are stated in prompts: each rollout batch takes ``prompts_per_step`` prompts ×
 ``group_size`` completions, split over processes by whole prompt groups, then into
 ``mini_batches`` optimizer steps (repeated ``ppo_epochs`` times), each cut into micro-batches of
-``micro_batch_size`` completions or ``max_tokens_per_micro_batch`` tokens. The aggregation normaliser of an optimizer step is summed over
-all its micro-batches and all ranks before any backward, so the step's loss and gradient do not
-depend on how it is cut (docs/algorithms/reference.md §0.3).
+``micro_batch_size`` completions or ``max_tokens_per_micro_batch`` tokens. The aggregation
+normaliser of an optimizer step is summed over all its micro-batches and all ranks before any
+backward, so the step's loss and gradient do not depend on how it is cut (docs/algorithms/reference.md §0.3).
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from rltk.algos.pipeline import StageFailure
+from rltk.batching import plan, token_metrics
 from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
 from rltk.engines.factory import make_engine, require_engine
 from rltk.eval.metrics import logged_metrics
@@ -36,7 +37,6 @@ from rltk.trainer.collector import RolloutCollector, TrainingData, check_reward_
 from rltk.trainer.distributed import attach_generation, generation_session, micro_batch_sync, prepare_frozen
 from rltk.trainer.guard import TrainingError, check_saveable
 from rltk.trainer.logprobs import forward_logps
-from rltk.batching import plan, token_metrics
 from rltk.trainer.loss import AnswerSFTLoss, PacedLoss, PolicyLoss
 from rltk.trainer.metrics import CompletionLog, progress_bar
 from rltk.trainer.paced import make_paced
@@ -95,14 +95,14 @@ class RLTrainer(BaseTrainer):
         self.collector = RolloutCollector(
             recipe, self.accelerator, algorithm, self.sampler, self.engine, self.verifier, reward_fns,
             TrainingData(self.train_examples, self.train_prompts), tokenizer=self.tokenizer, policy=self.model,
-            reference=self.reference, needs=self.needs, correction=self.correction, paced=self.paced, options=self.forward_options,
-            counters=self.counters, updates_per_batch=self.updates_per_batch)
+            reference=self.reference, needs=self.needs, correction=self.correction, paced=self.paced,
+            options=self.forward_options, counters=self.counters, updates_per_batch=self.updates_per_batch)
         self.collector.attach_prober(self.out / "pairing_probe.json",
                                      fingerprint=f"{self.policy_path}|{recipe.data.source}|{recipe.rollout}")
         self.policy_loss = PolicyLoss(self.pipeline, recipe.algorithm.pg_coef, recipe.rollout.max_new_tokens,
                                       self.accelerator.num_processes, self.reduce_sum, "entropy" in self.needs)
-        self.loss_components = [self.policy_loss,
-                                AnswerSFTLoss(self.policy_loss, self.model, recipe.rollout.temperature, self.forward_options)]
+        answer_sft = AnswerSFTLoss(self.policy_loss, self.model, recipe.rollout.temperature, self.forward_options)
+        self.loss_components = [self.policy_loss, answer_sft]
         if self.paced is not None:
             self.loss_components.append(PacedLoss(self.paced, lambda: self.accelerator.unwrap_model(self.model),
                                                   self.accelerator.num_processes, self.reduce_sum, self.counters))
