@@ -164,9 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     order = args.order.split(",")
     if not set(order) <= {"rltk", "trl"} or not order:
         p.error("--order names rltk and/or trl, comma-separated, e.g. rltk,trl")
-    for override in args.rltk_set:
-        if "=" not in override or not override.partition("=")[0].strip():
-            p.error(f"--rltk-set {override!r}: expected KEY=VALUE, e.g. trainer.padding_free=true")
+    from benchmarks.step_time import check_rltk_set
+
+    check_rltk_set(p, args.rltk_set)
     if not Path(args.config).is_file():
         p.error(f"--config {args.config}: no such file")
     return args
@@ -368,13 +368,10 @@ def rltk_recipe_data(args: argparse.Namespace, prepared: dict, out: Path) -> dic
 
 
 def rltk_recipe(args: argparse.Namespace, prepared: dict, out: Path):
-    from rltk.schema import apply_override
-    from rltk.validate import build_recipe
+    """The rltk side's validated recipe with the ``--rltk-set`` overrides."""
+    from benchmarks.step_time import with_overrides
 
-    data = rltk_recipe_data(args, prepared, out)
-    for override in args.rltk_set:
-        apply_override(data, override)
-    return build_recipe(data)
+    return with_overrides(rltk_recipe_data(args, prepared, out), args.rltk_set)
 
 
 def measure_generation(engine, prompts: list[str], args: argparse.Namespace) -> dict | None:

@@ -100,9 +100,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--long-share must be within [0, 1]")
     if args.long_factor < 2:
         p.error("--long-factor must be at least 2")
-    for override in args.rltk_set:
-        if "=" not in override or not override.partition("=")[0].strip():
-            p.error(f"--rltk-set {override!r}: expected KEY=VALUE, e.g. trainer.padding_free=true")
+    check_rltk_set(p, args.rltk_set)
     for name in ("steps", "prompts", "group_size", "max_new_tokens", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -291,15 +289,26 @@ def rltk_recipe_data(args: argparse.Namespace, model_dir: str, out: Path) -> dic
     }
 
 
-def rltk_recipe(args: argparse.Namespace, model_dir: str, out: Path):
-    """The rltk side's validated recipe: :func:`rltk_recipe_data` with the ``--rltk-set`` overrides."""
+def check_rltk_set(parser: argparse.ArgumentParser, overrides: list[str]) -> None:
+    """Every ``--rltk-set`` is KEY=VALUE (its key and value are checked when the recipe is built)."""
+    for override in overrides:
+        if "=" not in override or not override.partition("=")[0].strip():
+            parser.error(f"--rltk-set {override!r}: expected KEY=VALUE, e.g. trainer.padding_free=true")
+
+
+def with_overrides(data: dict, overrides: list[str]):
+    """The validated recipe of ``data`` with the ``--rltk-set`` ``overrides`` applied."""
     from rltk.schema import apply_override
     from rltk.validate import build_recipe
 
-    data = rltk_recipe_data(args, model_dir, out)
-    for override in args.rltk_set:
+    for override in overrides:
         apply_override(data, override)
     return build_recipe(data)
+
+
+def rltk_recipe(args: argparse.Namespace, model_dir: str, out: Path):
+    """The rltk side's validated recipe: :func:`rltk_recipe_data` with the ``--rltk-set`` overrides."""
+    return with_overrides(rltk_recipe_data(args, model_dir, out), args.rltk_set)
 
 
 def run_rltk(args: argparse.Namespace, model_dir: str, work: Path) -> dict:
