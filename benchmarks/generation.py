@@ -1,4 +1,5 @@
-"""Generation tokens/s of the ``hf`` engine: plain ``generate`` vs the token budget vs continuous batching.
+"""Generation tokens/s of the ``hf`` engine: plain ``generate`` vs the token budget vs continuous batching
+vs rltk's decode loop that drops finished rows.
 
 All modes sample the same rows (``--prompts`` prompts of varied length × ``--group-size``
 completions) from the same model with the same seed, through ``rltk.engines.hf.HFEngine.generate``:
@@ -7,7 +8,9 @@ completions) from the same model with the same seed, through ``rltk.engines.hf.H
 * ``budget``: ``rollout.max_tokens_per_batch``: rows sorted by prompt length and cut into calls of
   at most ``--budget`` tokens (rows × (longest prompt + max_new_tokens)), at most ``--batch-size`` rows;
 * ``continuous``: ``rollout.continuous_batching`` (transformers ``generate_batch``, paged KV cache,
-  at most ``--batch-size`` rows at once).
+  at most ``--batch-size`` rows at once);
+* ``drop``: ``rollout.drop_finished`` (rltk's decode loop, ``batch_size`` rows per call in order,
+  finished rows leave the batch and the KV cache); ``budget+drop``: both keys.
 
 The model is rltk's tiny random Qwen2 (``rltk.models.build_tiny_model``); a random model almost never
 samples EOS, so a forward hook adds ``--eos-bias`` to the EOS logit, which gives completion lengths a
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-MODES = ("plain", "budget", "continuous")
+MODES = ("plain", "budget", "continuous", "drop", "budget+drop")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -109,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         size = int(rows_per_call) if rows_per_call else args.batch_size
         mode_budget = args.budget or int(size * (statistics.mean(lengths) + args.max_new_tokens))
         engines[mode] = HFEngine(lambda: model, tokenizer, batch_size=size,
-                                 max_tokens_per_batch=mode_budget if kind == "budget" else None,
-                                 continuous_batching=kind == "continuous")
+                                 max_tokens_per_batch=mode_budget if kind.startswith("budget") else None,
+                                 continuous_batching=kind == "continuous", drop_finished=kind.endswith("drop"))
     params = SamplingParams(n=args.group_size, temperature=1.0, top_p=1.0, max_new_tokens=args.max_new_tokens)
     times: dict[str, list[float]] = {m: [] for m in modes}
     tokens: dict[str, list[int]] = {m: [] for m in modes}

@@ -149,7 +149,9 @@ def _eos_ids(value) -> list[int]:
 def length_processor(lengths: list[int], prompt_width: int, eos_ids: list[int]):
     """A ``LogitsProcessor`` that makes row i of a ``generate`` call end at exactly ``lengths[i]``
     new tokens (EOS included): every EOS id is suppressed before that and the first one forced
-    there. ``prompt_width`` is the (padded) prompt width of the call's ``input_ids``."""
+    there. ``prompt_width`` is the (padded) prompt width of the call's ``input_ids``. rltk's own decode
+    loop (``rollout.drop_finished``) calls its ``apply`` with ``rows``, the call's row of each
+    running row."""
     from transformers import LogitsProcessor
 
     if not eos_ids:
@@ -161,6 +163,9 @@ def length_processor(lengths: list[int], prompt_width: int, eos_ids: list[int]):
             self.columns = None
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            return self.apply(input_ids, scores, None)
+
+        def apply(self, input_ids: torch.Tensor, scores: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
             if self.columns is None:
                 self.target = self.target.to(scores.device)
                 self.columns = torch.zeros(scores.shape[-1], dtype=torch.bool, device=scores.device)
@@ -168,8 +173,9 @@ def length_processor(lengths: list[int], prompt_width: int, eos_ids: list[int]):
                 self.first = torch.zeros_like(self.columns)
                 self.first[eos_ids[0]] = True  # the one forced
             produced = input_ids.shape[1] - prompt_width  # new tokens so far; this step makes token produced + 1
-            early = (produced < self.target - 1).unsqueeze(1)
-            at = (produced == self.target - 1).unsqueeze(1)
+            target = self.target if rows is None else self.target[rows]
+            early = (produced < target - 1).unsqueeze(1)
+            at = (produced == target - 1).unsqueeze(1)
             scores = scores.masked_fill(early & self.columns, -float("inf"))
             return scores.masked_fill(at & ~self.first, -float("inf")).masked_fill(at & self.first, 0.0)
 
@@ -179,23 +185,31 @@ def length_processor(lengths: list[int], prompt_width: int, eos_ids: list[int]):
 @contextlib.contextmanager
 def forced_lengths(draw):
     """Within the block every ``generate`` call of any transformers model (``GenerationMixin.generate``)
-    gets :func:`length_processor` with ``draw(first_row, rows)`` lengths, ``first_row`` the rows of
-    the block's earlier calls; yields a record of the calls (their drawn lengths) and of ``rows``.
-    Restores ``generate`` on exit. Generation that bypasses ``GenerationMixin.generate`` (transformers'
-    continuous batching) is not forced: compare ``rows`` with the rows the run generated."""
+    and every call of rltk's own decode loop (``rollout.drop_finished``) gets :func:`length_processor`
+    with ``draw(first_row, rows)`` lengths, ``first_row`` the rows of the block's earlier calls;
+    yields a record of the calls (their drawn lengths) and of ``rows``. Restores both on exit.
+    Generation that bypasses both (transformers' continuous batching) is not forced: compare
+    ``rows`` with the rows the run generated."""
     from transformers import GenerationMixin, LogitsProcessorList
 
+    from rltk.engines import hf
+
     original = GenerationMixin.generate
+    original_decode = hf.sample_dropping_finished
     record = {"calls": [], "rows": 0}
+
+    def draw_call(rows: int) -> list[int]:
+        lengths = draw(record["rows"], rows)
+        record["calls"].append(lengths)
+        record["rows"] += rows
+        return lengths
 
     def generate(self, *args, **kwargs):
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("forced completion lengths need input_ids")
         rows, width = input_ids.shape
-        lengths = draw(record["rows"], rows)
-        record["calls"].append(lengths)
-        record["rows"] += rows
+        lengths = draw_call(rows)
         config = kwargs.get("generation_config") or self.generation_config
         eos = _eos_ids(kwargs["eos_token_id"]) if kwargs.get("eos_token_id") is not None else \
             _eos_ids(config.eos_token_id)
@@ -203,11 +217,18 @@ def forced_lengths(draw):
         processors.append(length_processor(lengths, width, eos))
         return original(self, *args, logits_processor=processors, **kwargs)
 
+    def decode(model, prompt_ids, prompt_mask, **kwargs):
+        lengths = draw_call(prompt_ids.shape[0])
+        kwargs["row_processor"] = length_processor(lengths, prompt_ids.shape[1], [kwargs["eos_token_id"]]).apply
+        return original_decode(model, prompt_ids, prompt_mask, **kwargs)
+
     GenerationMixin.generate = generate
+    hf.sample_dropping_finished = decode
     try:
         yield record
     finally:
         GenerationMixin.generate = original
+        hf.sample_dropping_finished = original_decode
 
 
 # ---------------------------------------------------------------------------------------------- padding

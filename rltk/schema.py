@@ -154,6 +154,7 @@ class RolloutConfig:
     # tokens (rows × (longest prompt + max_new_tokens)); None = batch_size rows per call, in order
     max_tokens_per_batch: Union[int, None] = None
     continuous_batching: bool = False  # hf engine: transformers' continuous batching (a finished row frees its slot)
+    drop_finished: bool = False  # hf engine: rltk's decode loop, finished rows leave the batch and the KV cache
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 

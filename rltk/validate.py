@@ -351,10 +351,14 @@ def _check_token_budgets(recipe: Recipe) -> None:
             raise ConfigError(f"trainer.max_tokens_per_micro_batch ({budget}) is smaller than the longest sequence, "
                               f"data.max_prompt_length + rollout.max_new_tokens = {longest} tokens")
     if r.engine != "hf":
-        for key, value in (("max_tokens_per_batch", r.max_tokens_per_batch), ("continuous_batching", r.continuous_batching)):
+        for key, value in (("max_tokens_per_batch", r.max_tokens_per_batch), ("continuous_batching", r.continuous_batching),
+                           ("drop_finished", r.drop_finished)):
             if value not in (None, False):
                 raise ConfigError(f"rollout.{key}: applies to the hf engine only (vLLM schedules its own batches); "
                                   "remove it or set rollout.engine: hf")
+    if r.drop_finished and r.continuous_batching:
+        raise ConfigError("rollout.drop_finished and rollout.continuous_batching: pick one (continuous batching "
+                          "already frees a finished row's slot)")
     if r.max_tokens_per_batch is not None:
         _positive(r.max_tokens_per_batch, "rollout.max_tokens_per_batch")
         generated = max(r.max_new_tokens, recipe.eval.max_new_tokens or r.max_new_tokens)

@@ -23,15 +23,17 @@ def test_heavy_lengths_are_seeded_per_row():
 
 
 def test_forced_lengths_hold_on_both_sides_paths(tiny_model_dir):
-    """rltk's hf engine (eos_token_id as an int argument) and a TRL-style call (a GenerationConfig
-    with a list of EOS ids) both end every row exactly at its drawn length, call after call."""
+    """rltk's hf engine (eos_token_id as an int argument; through generate and through rltk's own
+    decode loop, rollout.drop_finished) and a TRL-style call (a GenerationConfig with a list of EOS
+    ids) all end every row exactly at its drawn length, call after call."""
     from transformers import AutoModelForCausalLM, GenerationConfig, GenerationMixin
 
     from rltk.engines.base import SamplingParams, completion_mask_from_ids
+    from rltk.engines import hf
     from rltk.engines.hf import HFEngine
     from rltk.models import load_tokenizer
 
-    original = GenerationMixin.generate
+    original, original_decode = GenerationMixin.generate, hf.sample_dropping_finished
     torch.manual_seed(0)
     tokenizer = load_tokenizer(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
@@ -47,6 +49,12 @@ def test_forced_lengths_hold_on_both_sides_paths(tiny_model_dir):
             out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=limit))
             assert out.completion_mask.sum(1).tolist() == rltk_side["calls"][-1]
             assert not out.truncated.any()
+    with step_time.forced_lengths(draw) as dropping:
+        engine = HFEngine(lambda: model, tokenizer, drop_finished=True)
+        for _ in range(2):
+            out = engine.generate(prompts, SamplingParams(n=2, max_new_tokens=limit))
+            assert out.completion_mask.sum(1).tolist() == dropping["calls"][-1]
+            assert not out.truncated.any()
     with step_time.forced_lengths(draw) as trl_side:
         encoded = tokenizer([p for p in prompts for _ in range(2)], return_tensors="pt", padding=True)
         config = GenerationConfig(max_new_tokens=limit, do_sample=True, eos_token_id=[tokenizer.eos_token_id],
@@ -56,9 +64,10 @@ def test_forced_lengths_hold_on_both_sides_paths(tiny_model_dir):
             mask, truncated = completion_mask_from_ids(ids, tokenizer.eos_token_id)
             assert mask.sum(1).tolist() == trl_side["calls"][-1]
             assert not truncated.any()
-    assert rltk_side["calls"] == trl_side["calls"] and rltk_side["rows"] == trl_side["rows"] == 2 * 6
+    assert rltk_side["calls"] == trl_side["calls"] == dropping["calls"]
+    assert rltk_side["rows"] == trl_side["rows"] == dropping["rows"] == 2 * 6
     assert any(n > 3 for call in rltk_side["calls"] for n in call)  # long rows were drawn and held
-    assert GenerationMixin.generate is original  # restored on exit
+    assert GenerationMixin.generate is original and hf.sample_dropping_finished is original_decode  # restored
 
 
 def test_padding_summary_sources():

@@ -20,13 +20,14 @@ def require_engine(cfg: RolloutConfig) -> None:
 
 def make_engine(cfg: RolloutConfig, get_model: Callable, tokenizer, max_prompt_length: int | None = None, *,
                 accelerator=None, model_cfg: ModelConfig | None = None, max_new_tokens: int | None = None):
-    """``hf`` runs anywhere (with ``rollout.max_tokens_per_batch`` and ``rollout.continuous_batching``,
-    rltk.engines.hf); ``vllm`` needs the ``vllm`` extra on a CUDA machine (rltk.engines.vllm).
+    """``hf`` runs anywhere (with ``rollout.max_tokens_per_batch``, ``rollout.continuous_batching``
+    and ``rollout.drop_finished``, rltk.engines.hf); ``vllm`` needs the ``vllm`` extra on a CUDA machine (rltk.engines.vllm).
 
     ``max_new_tokens`` is the longest generation the run will ask for (sizes vLLM's context)."""
     if cfg.engine == "hf":
         return HFEngine(get_model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length,
-                        max_tokens_per_batch=cfg.max_tokens_per_batch, continuous_batching=cfg.continuous_batching)
+                        max_tokens_per_batch=cfg.max_tokens_per_batch, continuous_batching=cfg.continuous_batching,
+                        drop_finished=cfg.drop_finished)
     from rltk.engines.vllm import VLLMEngine
 
     return VLLMEngine.create(cfg, get_model, tokenizer, accelerator=accelerator, max_prompt_length=max_prompt_length,

@@ -13,6 +13,10 @@ batching (hf engine)":
 * ``continuous_batching``: transformers' continuous batching (``model.generate_batch``, a paged KV
   cache; a finished row frees its slot for the next one), at most ``batch_size`` rows at once and,
   with ``max_tokens_per_batch``, a KV cache of that many tokens.
+
+``drop_finished`` replaces each ``generate`` call (either of the first two ways) by rltk's own decode
+loop, which removes rows that emitted EOS from the batch and the KV cache
+(:mod:`rltk.engines.decode`).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ import torch
 
 from rltk.batching import token_budget
 from rltk.engines.base import Generation, SamplingParams, completion_mask_from_ids, pad_left, pad_right
+from rltk.engines.decode import sample_dropping_finished
 from rltk.schema import ConfigError
 
 # page size of the continuous-batching KV cache (tokens per block): small, so that short rows of a
@@ -56,18 +61,32 @@ def require_continuous_batching() -> None:
                           f"rollout.continuous_batching: false")
 
 
+def logits_processors(model, gen, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """The logits processors ``generate`` builds for ``gen`` (temperature, top-k, top-p and whatever
+    the model's generation config adds), for rltk's own decode loop (transformers' private
+    ``_prepare_special_tokens`` / ``_get_logits_processor``, as ``generate`` calls them)."""
+    model._prepare_special_tokens(gen, kwargs_has_attention_mask=True, device=prompt_ids.device)
+    return model._get_logits_processor(generation_config=gen, input_ids_seq_length=prompt_ids.shape[1],
+                                       encoder_input_ids=prompt_ids, device=prompt_ids.device,
+                                       model_kwargs={"attention_mask": prompt_mask})
+
+
 class HFEngine:
     """Samples from ``get_model()`` (a callable, so a DDP/DeepSpeed wrapper can be unwrapped lazily)."""
 
     def __init__(self, get_model: Callable[[], torch.nn.Module], tokenizer, batch_size: int = 256,
                  max_prompt_length: int | None = None, max_tokens_per_batch: int | None = None,
-                 continuous_batching: bool = False):
+                 continuous_batching: bool = False, drop_finished: bool = False):
+        if drop_finished and continuous_batching:
+            raise ConfigError("rollout.drop_finished and rollout.continuous_batching: pick one (continuous batching "
+                              "already frees a finished row's slot)")
         self.get_model = get_model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.max_prompt_length = max_prompt_length
         self.max_tokens_per_batch = max_tokens_per_batch
         self.continuous_batching = continuous_batching
+        self.drop_finished = drop_finished
         if continuous_batching:
             require_continuous_batching()
         # set under ZeRO-3 (rltk.trainer.distributed.attach_generation): a context manager that
@@ -124,6 +143,14 @@ class HFEngine:
         pad_id = self.tokenizer.pad_token_id
         prompt_ids = pad_left(rows, pad_id).to(device)
         prompt_mask = pad_left([torch.ones_like(r) for r in rows], 0).to(device)
+        if self.drop_finished:
+            gen = self.generation_config(model, params)
+            completion_ids, logps = sample_dropping_finished(
+                model, prompt_ids, prompt_mask,
+                processors_for=lambda ids, mask: logits_processors(model, gen, ids, mask),
+                max_new_tokens=params.max_new_tokens, eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad_id,
+                return_logps=params.return_logps)
+            return prompt_ids.cpu(), prompt_mask.cpu(), completion_ids.cpu(), None if logps is None else logps.cpu()
         out = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
@@ -192,15 +219,20 @@ class HFEngine:
             # (which transformers may fetch from the Hub); on a GPU name a flash implementation yourself
             auto_switch_to_flash=False)
 
-    def _generation_config(self, model, params: SamplingParams):
-        """What ``generate`` would sample with: the model's generation config updated with the same
-        arguments as ``_generate_batch``; a logits processor that continuous batching cannot apply
-        per request (a repetition penalty from the model's generation_config, say) is one line."""
+    def generation_config(self, model, params: SamplingParams):
+        """What ``generate`` samples with: the model's generation config updated with the same
+        arguments as ``_generate_batch`` passes to ``generate``."""
         gen = copy.deepcopy(model.generation_config)
         gen.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
                    top_k=params.top_k if params.top_k > 0 else None, max_new_tokens=params.max_new_tokens,
                    pad_token_id=self.tokenizer.pad_token_id, eos_token_id=self.tokenizer.eos_token_id,
                    num_return_sequences=1)
+        return gen
+
+    def _generation_config(self, model, params: SamplingParams):
+        """``generation_config``, checked for continuous batching: a logits processor it cannot apply
+        per request (a repetition penalty from the model's generation_config, say) is one line."""
+        gen = self.generation_config(model, params)
         unsupported = [type(p).__name__ for p in model._get_logits_processor(gen)
                        if getattr(p, "supports_continuous_batching", None) is False]
         if unsupported:
