@@ -155,6 +155,10 @@ class RolloutConfig:
     max_tokens_per_batch: Union[int, None] = None
     continuous_batching: bool = False  # hf engine: transformers' continuous batching (a finished row frees its slot)
     drop_finished: bool = False  # hf engine: rltk's decode loop, finished rows leave the batch and the KV cache
+    # DAPO's dynamic sampling: further rounds of prompts until every group has rewards that differ,
+    # at most max_refill_rounds extra rounds per step (then uninformative groups fill the step)
+    dynamic_sampling: bool = False
+    max_refill_rounds: int = 4
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 

@@ -195,6 +195,7 @@ SIZE_LIMITS = {
     "model.tiny.max_position_embeddings": 1_048_576,
     "trainer.max_tokens_per_micro_batch": 1_073_741_824,
     "rollout.max_tokens_per_batch": 1_073_741_824,
+    "rollout.max_refill_rounds": 1_000,
 }
 MAX_COMPLETIONS_PER_STEP = 16_777_216  # trainer.prompts_per_step × rollout.group_size (2**24)
 MAX_SEED = 2**31 - 1  # numpy takes seeds < 2**32 and accelerate adds the process index to trainer.seed
@@ -356,6 +357,9 @@ def _check_token_budgets(recipe: Recipe) -> None:
             if value not in (None, False):
                 raise ConfigError(f"rollout.{key}: applies to the hf engine only (vLLM schedules its own batches); "
                                   "remove it or set rollout.engine: hf")
+    if r.max_refill_rounds < 0:
+        raise ConfigError(f"rollout.max_refill_rounds: {r.max_refill_rounds} is negative (extra generation rounds "
+                          "per step; 0 = dynamic sampling without refill)")
     if r.drop_finished and r.continuous_batching:
         raise ConfigError("rollout.drop_finished and rollout.continuous_batching: pick one (continuous batching "
                           "already frees a finished row's slot)")

@@ -31,3 +31,10 @@ def digit_share_reward(completions, **columns):
     """A dense TRL-style reward for tests: the share of digits in the completion, so even a
     random-init model gets varied rewards (and non-zero advantages)."""
     return [sum(ch.isdigit() for ch in text) / max(1, len(text)) for text in completions]
+
+
+def alternating_unless_even_answer(completions, answer, **columns):
+    """Dynamic-sampling tests: 0, 1, 0, 1, ... over the batch's completions (so every group of an
+    even size has rewards that differ), except 0 for every completion of a prompt whose answer is
+    even (a group with equal rewards)."""
+    return [0.0 if int(a) % 2 == 0 else float(k % 2) for k, a in enumerate(answer)]

@@ -81,3 +81,30 @@ def rank_shard(engine, items: list, rank: int, world: int) -> tuple[list, int]:
         return shard, 0
     padding = -(-len(items) // world) - len(shard)
     return shard + [shard[0] if shard else items[0]] * padding, padding
+
+
+def select_rows(generation: Generation, rows: list[int]) -> Generation:
+    """The ``rows`` of ``generation`` (in that order), trimmed to their own widths: the prompt
+    columns none of them uses (left) and the completion columns past their longest mask (right)."""
+    index = torch.tensor(rows, dtype=torch.long)
+    prompt_mask = generation.prompt_mask[index]
+    completion_mask = generation.completion_mask[index]
+    left = generation.prompt_ids.shape[1] - int(prompt_mask.sum(1).max()) if rows else 0
+    width = max(1, int(completion_mask.sum(1).max())) if rows else 1
+    logps = generation.sampling_logps
+    return Generation(generation.prompt_ids[index, left:], prompt_mask[:, left:],
+                      generation.completion_ids[index, :width], completion_mask[:, :width],
+                      generation.truncated[index], [generation.texts[i] for i in rows],
+                      None if logps is None else logps[index, :width])
+
+
+def concat_generations(parts: list[Generation], pad_id: int) -> Generation:
+    """One Generation of ``parts``' rows in order: prompts left-padded and completions right-padded
+    to the widest part (``pad_id`` for ids, 0 for masks and log-probs)."""
+    width = max(p.completion_ids.shape[1] for p in parts)
+    logps = [p.sampling_logps for p in parts]
+    return Generation(pad_left([p.prompt_ids for p in parts], pad_id), pad_left([p.prompt_mask for p in parts], 0),
+                      pad_right([p.completion_ids for p in parts], pad_id, width),
+                      pad_right([p.completion_mask for p in parts], 0, width),
+                      torch.cat([p.truncated for p in parts]), [t for p in parts for t in p.texts],
+                      None if any(x is None for x in logps) else pad_right(logps, 0.0, width))

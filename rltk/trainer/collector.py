@@ -30,6 +30,7 @@ from rltk.trainer.answers import answer_logps, build_answer_batch
 from rltk.trainer.batch import RewardCall, RolloutBatch, add_requested_forwards, score_rewards
 from rltk.trainer.distributed import generation_session
 from rltk.trainer.logprobs import ForwardOptions, TokenBatch
+from rltk.trainer.refill import Refill, ScoredGroups
 
 
 class JsonProbeCache:
@@ -78,20 +79,47 @@ class RolloutCollector:
                                          [e.id for e in self.data.examples], JsonProbeCache(cache_path), fingerprint))
 
     def collect(self, step: int) -> RolloutBatch:
-        """This rank's share of the next rollout batch, trained from optimizer step ``step``."""
-        t, acc, sampler = self.recipe.trainer, self.accelerator, self.sampler
+        """This rank's share of the next rollout batch, trained from optimizer step ``step``; with
+        ``rollout.dynamic_sampling`` refilled until its groups are informative (rltk/trainer/refill.py)."""
+        t, acc = self.recipe.trainer, self.accelerator
         self.step = step
+        per_rank = t.prompts_per_step // acc.num_processes
+        first_group = step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
+        scored = self.sample_and_score(*self.next_prompts())
+        refill_metrics = {}
+        if self.recipe.rollout.dynamic_sampling:
+            scored, refill_metrics = self.refill(scored)
+        batch = self.finish_batch(scored, first_group)
+        batch.metrics.update(self.sampler.metrics())
+        batch.metrics.update(refill_metrics)
+        return batch
+
+    def next_prompts(self) -> tuple[list[int], list[str] | None]:
+        """This rank's share of the sampler's next ``prompts_per_step`` prompts, and their roles."""
+        sampler = self.sampler
         try:
-            indices = sampler.next_indices(t.prompts_per_step)
+            indices = sampler.next_indices(self.recipe.trainer.prompts_per_step)
         except Exception as exc:
             raise StageFailure(self.algorithm.sampler.stage, f"next_indices raised {describe_exception(exc)}") from exc
         roles = sampler.last_roles if sampler.provides_roles else None
-        per_rank = t.prompts_per_step // acc.num_processes
-        first_group = step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
-        batch = self.rollout_batch(self.rank_share(indices), first_group,
-                                   tuple(self.rank_share(roles)) if roles else None)
-        batch.metrics.update(sampler.metrics())
-        return batch
+        return self.rank_share(indices), self.rank_share(roles) if roles else None
+
+    def refill(self, first: ScoredGroups) -> tuple[ScoredGroups, dict[str, float]]:
+        """Further rounds of ``prompts_per_step`` prompts until every rank holds its quota of
+        informative groups or ``rollout.max_refill_rounds`` extra rounds were run; every rank runs
+        as many rounds (generation is collective under ZeRO-3)."""
+        r = self.recipe.rollout
+        refill = Refill(len(first.indices), r.group_size)
+        refill.add(first)
+        while refill.rounds <= r.max_refill_rounds and self.any_rank_missing(refill.missing):
+            refill.add(self.sample_and_score(*self.next_prompts()))
+        return refill.result(self.tokenizer.pad_token_id)
+
+    def any_rank_missing(self, missing: int) -> bool:
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return missing > 0
+        return bool(acc.gather(torch.tensor([missing], device=acc.device)).max() > 0)
 
     def rank_share(self, indices: list) -> list:
         """This rank's part of every mini-batch's block of ``indices`` (prompts, or their roles)."""
@@ -132,11 +160,16 @@ class RolloutCollector:
         found = dict(counts)
         return [found[i] for i in indices]
 
-    def rollout_batch(self, mine: list[int], first_group: int, roles: tuple[str, ...] | None = None) -> RolloutBatch:
+    def rollout_batch(self, mine: list[int], first_group: int, roles: list[str] | None = None) -> RolloutBatch:
         """Sample groups for training prompts ``mine``, score them, run the requested forwards and
         compute advantages. ``first_group`` makes group ids unique across steps and ranks; ``roles``
         are the sampler's per-prompt roles, if any."""
-        t, r = self.recipe.trainer, self.recipe.rollout
+        return self.finish_batch(self.sample_and_score(mine, roles), first_group)
+
+    def sample_and_score(self, mine: list[int], roles: list[str] | None) -> ScoredGroups:
+        """Generate ``group_size`` completions for each training prompt of ``mine``, verify and
+        reward them."""
+        r = self.recipe.rollout
         examples = [self.data.examples[i] for i in mine]
         prompts = [self.data.prompts[i] for i in mine]
         timings = {}
@@ -151,8 +184,19 @@ class RolloutCollector:
         rewards, per_reward, missing = score_rewards(self.reward_call(examples, prompts, generation), verdicts,
                                                      self.reward_fns)
         timings["time/score"] = time.perf_counter() - start
-        timings.update(reward_metrics(per_reward))
         self.counters["reward_none"] += missing
+        return ScoredGroups(list(mine), None if roles is None else list(roles), generation, verdicts, rewards,
+                            per_reward, timings)
+
+    def finish_batch(self, scored: ScoredGroups, first_group: int) -> RolloutBatch:
+        """The forwards the stages asked for, importance weights, advantages and metrics of ``scored``."""
+        t, r = self.recipe.trainer, self.recipe.rollout
+        examples = [self.data.examples[i] for i in scored.indices]
+        prompts = [self.data.prompts[i] for i in scored.indices]
+        generation, verdicts, rewards, per_reward = scored.generation, scored.verdicts, scored.rewards, scored.per_reward
+        answers = [e.answer for e in examples for _ in range(r.group_size)]
+        timings = {**scored.timings, **reward_metrics(per_reward)}
+        roles = tuple(scored.roles) if scored.roles is not None else None
         tokens = TokenBatch(generation.prompt_ids, generation.prompt_mask, generation.completion_ids,
                             generation.completion_mask)
         rollouts = Rollouts(
@@ -261,12 +305,15 @@ def batch_metrics(rollouts: Rollouts, advantages: Advantages, reasons: dict[str,
     index, groups = rollouts.group_index()
     solved = torch.zeros(groups).index_add_(0, index, rollouts.correct.float())
     sizes = torch.zeros(groups).index_add_(0, index, torch.ones(n))
+    high = torch.full((groups,), -math.inf).scatter_reduce_(0, index, rollouts.rewards.float(), "amax")
+    low = torch.full((groups,), math.inf).scatter_reduce_(0, index, rollouts.rewards.float(), "amin")
     return {
         "reward/mean": float(rollouts.rewards.mean()),
         "reward/std": float(rollouts.rewards.std()) if n > 1 else 0.0,
         "correct/mean": float(rollouts.correct.float().mean()),
         "correct/all_correct_groups": float((solved == sizes).float().mean()),
         "correct/all_wrong_groups": float((solved == 0).float().mean()),
+        "reward/zero_variance_groups": float((high == low).float().mean()),
         "completion/length_mean": float(lengths.mean()),
         "completion/length_max": float(lengths.max()),
         "completion/truncated": float(rollouts.truncated.float().mean()),
