@@ -407,9 +407,9 @@ def run_rltk(args: argparse.Namespace, prepared: dict, work: Path) -> dict:
     engine = ScriptedEngine(script, load_tokenizer(prepared["model_dir"]))
     trainer.engine = trainer.collector.engine = engine
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    # rltk's RL trainer leaves the policy in the eval mode from_pretrained returns, and transformers
-    # checkpoints activations only in training mode: without this the recipe's gradient checkpointing
-    # would silently be off on this side alone
+    # transformers checkpoints activations only in training mode; rltk's trainer has put its policy in
+    # training mode since e8b1614 (before, it stayed in from_pretrained's eval mode and the recipe's
+    # gradient checkpointing was silently off): kept as a guard, reported as forced_train_mode
     forced_train = not policy.training
     policy.train()
     counter = ForwardTokens(policy)

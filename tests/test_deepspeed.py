@@ -122,17 +122,22 @@ def test_deepspeed_two_processes_match_one(tmp_path, tiny_model_dir, baselines, 
 
 
 @pytest.mark.distributed
-def test_zero3_token_budget_and_packing_match_one_process(tmp_path, tiny_model_dir, baselines, deepspeed_ops):
-    """ZeRO-3 on 2 processes, forwards of at most 60 tokens packed without padding: the loss, the
-    gradient norm and the updated weights of 1 process with 4-row padded micro-batches. Each process
-    runs as many forwards (ZeRO-3 gathers the weights in every one), even when its rows need fewer."""
+def test_zero3_token_budget_packing_and_drop_finished_match_one_process(tmp_path, tiny_model_dir, deepspeed_ops):
+    """ZeRO-3 on 2 processes, forwards of at most 60 tokens packed without padding, rollouts from
+    rltk's decode loop (``rollout.drop_finished``) on the gathered weights: the loss, the gradient
+    norm and the updated weights of 1 process with 4-row padded micro-batches and the same decode
+    loop. Each process runs as many forwards (ZeRO-3 gathers the weights in every one), even when
+    its rows need fewer."""
     path = _step_recipe(tmp_path, tiny_model_dir, "budget", False)
     data = json.loads(path.read_text())
     data["data"]["max_prompt_length"] = 40  # every prompt of the task is shorter: the same rows are kept
-    data["trainer"].update(max_tokens_per_micro_batch=60, padding_free=True)
+    data["rollout"]["drop_finished"] = True
+    path.write_text(json.dumps(data))
+    launch_single([str(WORKER), str(path), str(tmp_path / "one.json"), "step"])
+    data["trainer"].update(max_tokens_per_micro_batch=60, padding_free=True, output_dir=str(tmp_path / "budget2"))
     path.write_text(json.dumps(data))
     launch_deepspeed(cpu_config(tmp_path, "zero3"), [str(WORKER), str(path), str(tmp_path / "two.json"), "step"])
-    one, two = baselines["full"], json.loads((tmp_path / "two.json").read_text())
+    one, two = json.loads((tmp_path / "one.json").read_text()), json.loads((tmp_path / "two.json").read_text())
     assert two["world"] == 2 and two["zero_stage"] == 3 and two["micro_batches"] > 2
     assert abs(one["loss"] - two["loss"]) < 1e-6, (one["loss"], two["loss"])
     assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]
