@@ -42,6 +42,7 @@ class Sampler:
 
     provides_roles = False  # True: every next_indices also sets last_roles, one role per prompt
     last_roles: list[str] | None = None
+    wants_outcomes = False  # True: the trainer calls observe() with every visited group's correct count
 
     def next_indices(self, n: int) -> list[int]:
         """The dataset indices of the next ``n`` prompts."""
@@ -55,6 +56,10 @@ class Sampler:
 
     def attach(self, context: ProbeContext) -> None:
         """Called once before the first batch; samplers that probe the policy keep ``context``."""
+
+    def observe(self, indices: list[int], correct: list[int], group_size: int) -> None:
+        """With ``wants_outcomes``: the groups of prompts ``indices`` (over all processes) had
+        ``correct`` correct completions of ``group_size``; called after each generation round."""
 
     def metrics(self) -> dict[str, float]:
         """Logged with every rollout batch."""

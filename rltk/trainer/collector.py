@@ -185,8 +185,23 @@ class RolloutCollector:
                                                      self.reward_fns)
         timings["time/score"] = time.perf_counter() - start
         self.counters["reward_none"] += missing
-        return ScoredGroups(list(mine), None if roles is None else list(roles), generation, verdicts, rewards,
-                            per_reward, timings)
+        scored = ScoredGroups(list(mine), None if roles is None else list(roles), generation, verdicts, rewards,
+                              per_reward, timings)
+        if self.sampler.wants_outcomes:
+            self.report_outcomes(scored)
+        return scored
+
+    def report_outcomes(self, scored: ScoredGroups) -> None:
+        """Every process's groups' correct counts, gathered, to the sampler (``Sampler.observe``), so
+        the sampler's state stays the same on every rank."""
+        g = self.recipe.rollout.group_size
+        correct = [sum(v.correct for v in scored.verdicts[k * g : (k + 1) * g]) for k in range(len(scored.indices))]
+        outcomes = list(zip(scored.indices, correct))
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            outcomes = gather_object(outcomes)
+        self.sampler.observe([i for i, _ in outcomes], [c for _, c in outcomes], g)
 
     def finish_batch(self, scored: ScoredGroups, first_group: int) -> RolloutBatch:
         """The forwards the stages asked for, importance weights, advantages and metrics of ``scored``."""
