@@ -135,7 +135,7 @@ class ImportanceSamplingConfig:
     (rltk.algos.importance; Yao et al. 2025; TRL's ``vllm_importance_sampling_*``). The per-token
     policy loss is multiplied by w = f(exp(old_logp − sampling_logp)), a detached weight."""
 
-    enabled: Union[bool, None] = None  # None: on with rollout.engine=vllm, off with hf
+    enabled: Union[bool, None] = None  # None: on with rollout.engine=vllm or rollout.max_staleness > 0, else off
     level: Literal["token", "sequence"] = "token"  # one ratio per token, or exp(Σ_t diff) per sequence
     mode: Literal["truncate", "mask"] = "truncate"  # min(ratio, cap), or weight 0 where ratio > cap
     cap: float = 3.0  # TRL's vllm_importance_sampling_clip_max default
@@ -159,6 +159,9 @@ class RolloutConfig:
     # at most max_refill_rounds extra rounds per step (then uninformative groups fill the step)
     dynamic_sampling: bool = False
     max_refill_rounds: int = 4
+    # asynchronous generation: a producer samples rollout batches ahead, at most this many optimizer
+    # steps behind the weights they are trained on (0 = the synchronous loop); docs/pipeline.md
+    max_staleness: int = 0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 

@@ -196,6 +196,7 @@ SIZE_LIMITS = {
     "trainer.max_tokens_per_micro_batch": 1_073_741_824,
     "rollout.max_tokens_per_batch": 1_073_741_824,
     "rollout.max_refill_rounds": 1_000,
+    "rollout.max_staleness": 1_000,
 }
 MAX_COMPLETIONS_PER_STEP = 16_777_216  # trainer.prompts_per_step × rollout.group_size (2**24)
 MAX_SEED = 2**31 - 1  # numpy takes seeds < 2**32 and accelerate adds the process index to trainer.seed
@@ -322,6 +323,9 @@ def check_layout(recipe: Recipe, world_size: int) -> list[str]:
         raise ConfigError(f"trainer.micro_batch_size ({t.micro_batch_size}) must be >= rollout.group_size "
                           f"({r.group_size}) with the {algorithm.pipeline.loss.name} loss, which reads whole groups")
     _check_token_budgets(recipe)
+    if r.max_staleness > 0 and world_size > 1:
+        raise ConfigError(f"rollout.max_staleness ({r.max_staleness}): asynchronous generation runs on one training "
+                          f"process so far, and this layout has {world_size}; set rollout.max_staleness: 0")
     completions = per_rank * r.group_size
     micro = micro_batch_rows(t.micro_batch_size, r.group_size)
     head = f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer step"
@@ -360,6 +364,13 @@ def _check_token_budgets(recipe: Recipe) -> None:
     if r.max_refill_rounds < 0:
         raise ConfigError(f"rollout.max_refill_rounds: {r.max_refill_rounds} is negative (extra generation rounds "
                           "per step; 0 = dynamic sampling without refill)")
+    if r.max_staleness < 0:
+        raise ConfigError(f"rollout.max_staleness: {r.max_staleness} is negative (optimizer steps a rollout batch may "
+                          "lag behind; 0 = synchronous)")
+    if r.max_staleness > 0 and r.importance_sampling.enabled is False:
+        raise ConfigError("rollout.max_staleness > 0 trains on completions sampled by older weights, which needs the "
+                          "importance weights to that behaviour policy: remove rollout.importance_sampling.enabled: "
+                          "false (or set rollout.max_staleness: 0)")
     if r.drop_finished and r.continuous_batching:
         raise ConfigError("rollout.drop_finished and rollout.continuous_batching: pick one (continuous batching "
                           "already frees a finished row's slot)")

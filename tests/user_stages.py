@@ -38,3 +38,8 @@ def alternating_unless_even_answer(completions, answer, **columns):
     even size has rewards that differ), except 0 for every completion of a prompt whose answer is
     even (a group with equal rewards)."""
     return [0.0 if int(a) % 2 == 0 else float(k % 2) for k, a in enumerate(answer)]
+
+
+def raising_reward(completions, **columns):
+    """A reward function that fails (tests of how a failure reaches the user)."""
+    raise ValueError("no reward today")

@@ -79,19 +79,30 @@ class RolloutCollector:
                                          [e.id for e in self.data.examples], JsonProbeCache(cache_path), fingerprint))
 
     def collect(self, step: int) -> RolloutBatch:
-        """This rank's share of the next rollout batch, trained from optimizer step ``step``; with
-        ``rollout.dynamic_sampling`` refilled until its groups are informative (rltk/trainer/refill.py)."""
-        t, acc = self.recipe.trainer, self.accelerator
+        """This rank's share of the next rollout batch, trained from optimizer step ``step``: both
+        halves, :meth:`produce` then :meth:`consume` (the synchronous loop)."""
+        scored, metrics = self.produce(step)
+        return self.consume(scored, metrics, step)
+
+    def produce(self, step: int) -> tuple[ScoredGroups, dict[str, float]]:
+        """The generation half: the sampler's next prompts, generated, verified and rewarded; with
+        ``rollout.dynamic_sampling`` refilled until its groups are informative (rltk/trainer/refill.py).
+        Touches neither the policy nor the optimizer, so an asynchronous producer can run it ahead
+        (rltk/trainer/producer.py). Returns the groups and the sampler's and refill's metrics."""
         self.step = step
-        per_rank = t.prompts_per_step // acc.num_processes
-        first_group = step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
         scored = self.sample_and_score(*self.next_prompts())
         refill_metrics = {}
         if self.recipe.rollout.dynamic_sampling:
             scored, refill_metrics = self.refill(scored)
-        batch = self.finish_batch(scored, first_group)
-        batch.metrics.update(self.sampler.metrics())
-        batch.metrics.update(refill_metrics)
+        return scored, {**self.sampler.metrics(), **refill_metrics}
+
+    def consume(self, scored: ScoredGroups, metrics: dict[str, float], step: int) -> RolloutBatch:
+        """The training half: the forwards on the current weights, importance weights, advantages."""
+        t, acc = self.recipe.trainer, self.accelerator
+        per_rank = t.prompts_per_step // acc.num_processes
+        first_group = step // self.updates_per_batch * t.prompts_per_step + acc.process_index * per_rank
+        batch = self.finish_batch(scored, first_group, step)
+        batch.metrics.update(metrics)
         return batch
 
     def next_prompts(self) -> tuple[list[int], list[str] | None]:
@@ -164,7 +175,7 @@ class RolloutCollector:
         """Sample groups for training prompts ``mine``, score them, run the requested forwards and
         compute advantages. ``first_group`` makes group ids unique across steps and ranks; ``roles``
         are the sampler's per-prompt roles, if any."""
-        return self.finish_batch(self.sample_and_score(mine, roles), first_group)
+        return self.finish_batch(self.sample_and_score(mine, roles), first_group, self.step)
 
     def sample_and_score(self, mine: list[int], roles: list[str] | None) -> ScoredGroups:
         """Generate ``group_size`` completions for each training prompt of ``mine``, verify and
@@ -184,9 +195,8 @@ class RolloutCollector:
         rewards, per_reward, missing = score_rewards(self.reward_call(examples, prompts, generation), verdicts,
                                                      self.reward_fns)
         timings["time/score"] = time.perf_counter() - start
-        self.counters["reward_none"] += missing
         scored = ScoredGroups(list(mine), None if roles is None else list(roles), generation, verdicts, rewards,
-                              per_reward, timings)
+                              per_reward, timings, reward_none=missing)
         if self.sampler.wants_outcomes:
             self.report_outcomes(scored)
         return scored
@@ -203,7 +213,7 @@ class RolloutCollector:
             outcomes = gather_object(outcomes)
         self.sampler.observe([i for i, _ in outcomes], [c for _, c in outcomes], g)
 
-    def finish_batch(self, scored: ScoredGroups, first_group: int) -> RolloutBatch:
+    def finish_batch(self, scored: ScoredGroups, first_group: int, step: int) -> RolloutBatch:
         """The forwards the stages asked for, importance weights, advantages and metrics of ``scored``."""
         t, r = self.recipe.trainer, self.recipe.rollout
         examples = [self.data.examples[i] for i in scored.indices]
@@ -211,6 +221,7 @@ class RolloutCollector:
         generation, verdicts, rewards, per_reward = scored.generation, scored.verdicts, scored.rewards, scored.per_reward
         answers = [e.answer for e in examples for _ in range(r.group_size)]
         timings = {**scored.timings, **reward_metrics(per_reward)}
+        self.counters["reward_none"] += scored.reward_none  # counted when trained: an in-flight batch is not
         roles = tuple(scored.roles) if scored.roles is not None else None
         tokens = TokenBatch(generation.prompt_ids, generation.prompt_mask, generation.completion_ids,
                             generation.completion_mask)
@@ -221,7 +232,7 @@ class RolloutCollector:
             completion_mask=generation.completion_mask.float(),
             truncated=generation.truncated,
             roles=roles,
-            step=self.step,
+            step=step,
         )
         start = time.perf_counter()
         rollouts = add_requested_forwards(rollouts, tokens, self.needs, policy=self.policy, reference=self.reference,

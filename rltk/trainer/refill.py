@@ -32,6 +32,7 @@ class ScoredGroups:
     rewards: torch.Tensor  # [N]
     per_reward: dict[str, torch.Tensor]  # [N] each, NaN where a function returned None
     timings: dict[str, float] = field(default_factory=dict)  # time/generate, time/score, summed over rounds
+    reward_none: int = 0  # rewards that were None among all the completions generated for these groups
 
     def group_has_spread(self, group_size: int) -> torch.Tensor:
         """bool [groups]: the group's rewards are not all equal (the ``zero_variance_filter`` test)."""
@@ -44,7 +45,7 @@ class ScoredGroups:
         return ScoredGroups([self.indices[g] for g in groups], None if self.roles is None else
                             [self.roles[g] for g in groups], select_rows(self.generation, rows),
                             [self.verdicts[r] for r in rows], self.rewards[index],
-                            {k: v[index] for k, v in self.per_reward.items()}, dict(self.timings))
+                            {k: v[index] for k, v in self.per_reward.items()}, dict(self.timings), self.reward_none)
 
     @staticmethod
     def concat(parts: list["ScoredGroups"], pad_id: int) -> "ScoredGroups":
@@ -56,7 +57,8 @@ class ScoredGroups:
                             None if parts[0].roles is None else [r for p in parts for r in p.roles],
                             concat_generations([p.generation for p in parts], pad_id),
                             [v for p in parts for v in p.verdicts], torch.cat([p.rewards for p in parts]),
-                            {k: torch.cat([p.per_reward[k] for p in parts]) for k in parts[0].per_reward}, timings)
+                            {k: torch.cat([p.per_reward[k] for p in parts]) for k in parts[0].per_reward}, timings,
+                            sum(p.reward_none for p in parts))
 
 
 def unit_size(roles: list[str] | None) -> int:
@@ -79,6 +81,7 @@ class Refill:
         self.kept: list[ScoredGroups] = []
         self.spare: list[ScoredGroups] = []  # uninformative units, in the order generated
         self.kept_groups = self.spare_groups = self.generated_groups = self.rounds = 0
+        self.reward_none = 0
 
     @property
     def missing(self) -> int:
@@ -88,6 +91,7 @@ class Refill:
         """Keep the round's informative units up to the quota; remember the others as spares."""
         self.rounds += 1
         self.generated_groups += len(scored.indices)
+        self.reward_none += scored.reward_none
         size = unit_size(scored.roles)
         good, bad = [], []
         for u, informative in enumerate(informative_units(scored, self.group_size)):
@@ -116,4 +120,6 @@ class Refill:
                    "dynamic/generated_groups": float(self.generated_groups),
                    "dynamic/extra_generation": self.generated_groups / self.quota - 1.0,
                    "dynamic/unfilled_share": filled / self.quota}
-        return ScoredGroups.concat(parts, pad_id), metrics
+        out = ScoredGroups.concat(parts, pad_id)
+        out.reward_none = self.reward_none  # every round's, once (a round's kept and spare parts share it)
+        return out, metrics

@@ -43,6 +43,7 @@ from rltk.trainer.paced import make_paced
 from rltk.trainer.resume import load_latest_checkpoint
 from rltk.trainer.reward_model import build_rewards
 from rltk.trainer.run_dir import RunDir
+from rltk.trainer.producer import Producer
 from rltk.trainer.sampler_correction import SamplerCorrection
 from rltk.validate import check_layout, micro_batch_rows
 
@@ -106,6 +107,10 @@ class RLTrainer(BaseTrainer):
         if self.paced is not None:
             self.loss_components.append(PacedLoss(self.paced, lambda: self.accelerator.unwrap_model(self.model),
                                                   self.accelerator.num_processes, self.reduce_sum, self.counters))
+        # asynchronous generation (rollout.max_staleness > 0): started at the first batch
+        self.producer: Producer | None = None
+        self.behaviour_engine = None  # what the producer samples with; None: a copy of the policy (hf engine)
+        self.consumed_sampler_state: dict | None = None  # the sampler as of the last trained batch
         if resume:
             self._resume()
         lg = recipe.logging  # sampled completions every lg.log_completions_every batches
@@ -159,7 +164,8 @@ class RLTrainer(BaseTrainer):
     def save(self) -> Path:
         check_saveable(self.model, self.optimizer, self.step, self._last_good_checkpoint())  # never a NaN checkpoint
         self.run.start(self.step)  # the identity is on disk before the run's first checkpoint
-        state = {"sampler": self.sampler.state_dict(), "counters": dict(self.counters),
+        sampler = self.consumed_sampler_state if self.producer is not None else self.sampler.state_dict()
+        state = {"sampler": sampler, "counters": dict(self.counters),
                  "policy_path": self.policy_path}
         return save_checkpoint(self.accelerator, self.model, self.tokenizer, self.out, self.step, state,
                                self.recipe.trainer.keep_checkpoints, self.recipe.model.trust_remote_code,
@@ -177,8 +183,61 @@ class RLTrainer(BaseTrainer):
         log.info("resumed from %s (step %d)", resumed.checkpoint, self.step)
 
     def collect(self) -> RolloutBatch:
-        """This rank's share of the next rollout batch (:meth:`RolloutCollector.collect`)."""
-        return self.collector.collect(self.step)
+        """This rank's share of the next rollout batch (:meth:`RolloutCollector.collect`); with
+        ``rollout.max_staleness`` > 0 the producer's next batch, finished on the current weights."""
+        if self.producer is None and self.recipe.rollout.max_staleness == 0:
+            return self.collector.collect(self.step)
+        if self.producer is None:
+            self.start_producer()
+        start = time.perf_counter()
+        produced = self.producer.next()
+        waited = time.perf_counter() - start
+        expected = self.step // self.updates_per_batch
+        if produced.index != expected:  # a bug, not an input: the producer's batches arrive in order
+            raise RuntimeError(f"the producer sent rollout batch {produced.index}, the trainer expected {expected}")
+        staleness = self.step - produced.version
+        self.consumed_sampler_state = produced.sampler_state
+        return self.collector.consume(produced.scored, {**produced.metrics, "async/staleness": float(staleness),
+                                                        "async/version": float(produced.version),
+                                                        "async/wait": waited, "async/produce": produced.seconds},
+                                      self.step)
+
+    def start_producer(self, max_staleness: int | None = None) -> Producer:
+        """Start the producer thread (rltk/trainer/producer.py) on the behaviour engine: a copy of the
+        policy sampled by its own hf engine (refreshed between batches), the vllm engine (weights
+        pushed between batches), or ``self.behaviour_engine`` if set (e.g. a remote stand-in).
+        ``max_staleness`` overrides the recipe's (tests run the producer at 0)."""
+        r, t = self.recipe.rollout, self.recipe.trainer
+        if getattr(self.accelerator.state, "deepspeed_plugin", None) is not None:
+            raise ConfigError("rollout.max_staleness: asynchronous generation is not supported under DeepSpeed yet; "
+                              "set rollout.max_staleness: 0")
+        engine, sync = self.behaviour()
+        self.collector.engine = engine  # the sampler's probes sample with it too
+        self.consumed_sampler_state = self.sampler.state_dict()
+        self.producer = Producer(lambda: self.collector.produce(self.producer.next_index * self.updates_per_batch),
+                                 sync, self.sampler.state_dict,
+                                 max_staleness=r.max_staleness if max_staleness is None else max_staleness,
+                                 updates_per_batch=self.updates_per_batch, first_index=self.step // self.updates_per_batch,
+                                 last_index=-(-t.steps // self.updates_per_batch) - 1, version=self.step)
+        return self.producer.start()
+
+    def behaviour(self):
+        """(engine, sync): what the producer samples with, and how it takes the newest weights."""
+        if self.behaviour_engine is not None:
+            return self.behaviour_engine, getattr(self.behaviour_engine, "sync_weights", lambda: None)
+        if self.recipe.rollout.engine == "vllm":
+            return self.engine, self.engine.push_weights
+        import copy
+
+        policy = self.accelerator.unwrap_model(self.model)
+        copied = copy.deepcopy(policy).requires_grad_(False)
+
+        def sync() -> None:
+            with torch.no_grad():
+                copied.load_state_dict(policy.state_dict())
+
+        engine = make_engine(self.recipe.rollout, lambda: copied, self.tokenizer, self.recipe.data.max_prompt_length)
+        return engine, sync
 
     # ------------------------------------------------------------------ optimisation
     def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -243,9 +302,11 @@ class RLTrainer(BaseTrainer):
     def _apply_update(self, metrics: dict[str, float]) -> None:
         """Optimizer step, or skip and count it when the loss, the gradient or the updated weights
         or optimizer state would not be finite (rltk/trainer/guard.py)."""
-        if not self.guard.step(self.optimizer, self.scheduler, metrics, self.step + 1):
+        with self.producer.weights_lock if self.producer is not None else contextlib.nullcontext():
+            applied = self.guard.step(self.optimizer, self.scheduler, metrics, self.step + 1)
+        if not applied:
             self.counters["skipped_nonfinite_steps"] += 1
-        else:
+        elif self.producer is None:  # a producer takes the weights itself, between its batches
             self.engine.sync_weights()  # the engine samples from the new weights from its next generate on
 
     def train_batch(self) -> dict[str, float]:
@@ -283,6 +344,8 @@ class RLTrainer(BaseTrainer):
                 for key, value in self.optimize(batch, rows).items():
                     step_metrics[key].append(value)
                 self.step += 1
+                if self.producer is not None:
+                    self.producer.publish(self.step)
         self.completions.log(self.step, batch)
         metrics = {k: sum(v) / len(v) for k, v in step_metrics.items()}
         for key in ("time/forward", "time/backward"):
@@ -300,7 +363,10 @@ class RLTrainer(BaseTrainer):
                                 maj=e.maj, seed=self.recipe.trainer.seed)
         protocol = {"model": self.policy_path, "step": self.step, "template": self.recipe.data.template,
                     "heldout": self.heldout}
-        with generation_session(self.engine):
+        paused = self.producer.paused() if self.producer is not None else contextlib.nullcontext()
+        with paused, generation_session(self.engine):
+            if self.producer is not None:
+                self.engine.sync_weights()  # vllm: the producer's pushes lag; evaluate the current weights
             return evaluate(self.engine, self.test_examples, self.test_prompts, self.verifier, settings,
                             accelerator=self.accelerator, out_dir=self.out / "eval" / tag, protocol=protocol,
                             progress=self.recipe.logging.progress)
@@ -344,4 +410,6 @@ class RLTrainer(BaseTrainer):
         return result
 
     def close(self) -> None:
+        if self.producer is not None:
+            self.producer.stop()
         self.verifier.close()

@@ -1,6 +1,7 @@
 """The trainer side of the sampler→trainer importance-sampling correction (rltk.algos.importance).
 
-When on (``rollout.importance_sampling.enabled``; default: with the vllm engine only), the engine is
+When on (``rollout.importance_sampling.enabled``; default: with the vllm engine, and with
+asynchronous generation, ``rollout.max_staleness`` > 0), the engine is
 asked for its sampling log-probs, the trainer computes ``old_logps`` (one no-grad forward of the
 policy that sampled), and every rollout batch carries the detached weights in
 ``Rollouts.is_weights``, which the pipeline multiplies into the per-token policy loss.
@@ -15,9 +16,10 @@ from rltk.schema import RolloutConfig
 
 
 def correction_enabled(cfg: RolloutConfig) -> bool:
-    """``enabled`` if set, else on exactly when the engine is vllm."""
+    """``enabled`` if set, else on exactly when the engine is vllm or the producer may lag
+    (``max_staleness`` > 0: the weights are those of decoupled PPO's behaviour policy)."""
     flag = cfg.importance_sampling.enabled
-    return cfg.engine == "vllm" if flag is None else bool(flag)
+    return (cfg.engine == "vllm" or cfg.max_staleness > 0) if flag is None else bool(flag)
 
 
 class SamplerCorrection:

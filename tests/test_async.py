@@ -1,0 +1,140 @@
+"""Asynchronous generation with bounded staleness (``rollout.max_staleness``, rltk/trainer/producer.py):
+the producer's path at staleness 0 is the synchronous loop exactly, the observed staleness never
+exceeds the bound whichever side is slow, the checkpoint holds the sampler as of the last trained
+batch, and a producer failure reaches the trainer as one line."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from rltk.schema import ConfigError
+from rltk.trainer.rl import RLTrainer
+from rltk.validate import build_recipe, check_layout
+from tests.conftest import small_recipe_data
+
+
+def weights(trainer) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in trainer.accelerator.unwrap_model(trainer.model).parameters()])
+
+
+def run_steps(recipe, steps: int, producer_staleness: int | None = None, slow_produce: float = 0.0,
+              slow_optimize: float = 0.0):
+    trainer = RLTrainer(recipe)
+    try:
+        if slow_produce or slow_optimize:
+            produce, optimize = trainer.collector.produce, trainer.optimize
+
+            def slow_p(step):
+                time.sleep(slow_produce)
+                return produce(step)
+
+            def slow_o(batch, rows):
+                time.sleep(slow_optimize)
+                return optimize(batch, rows)
+
+            trainer.collector.produce, trainer.optimize = slow_p, slow_o
+        torch.manual_seed(11)
+        if producer_staleness is not None:
+            trainer.start_producer(max_staleness=producer_staleness)
+        metrics = [trainer.train_batch() for _ in range(steps)]
+        return metrics, weights(trainer), trainer.consumed_sampler_state
+    finally:
+        trainer.close()
+
+
+def test_producer_at_staleness_zero_is_the_synchronous_loop(tmp_path, tiny_model_dir):
+    """5 steps: the same losses, rewards and final weights, bit for bit, through the producer thread
+    (sampling a copy of the policy refreshed between batches) as in the synchronous loop."""
+    steps = {"trainer": {"steps": 5}}
+    sync_m, sync_w, _ = run_steps(build_recipe(small_recipe_data(tiny_model_dir, tmp_path / "a", **steps)), 5)
+    async_m, async_w, _ = run_steps(build_recipe(small_recipe_data(tiny_model_dir, tmp_path / "b", **steps)), 5,
+                                    producer_staleness=0)
+    assert [m["loss"] for m in async_m] == [m["loss"] for m in sync_m]
+    assert [m["reward/mean"] for m in async_m] == [m["reward/mean"] for m in sync_m]
+    assert all(m["async/staleness"] == 0.0 for m in async_m)
+    assert torch.equal(async_w, sync_w)
+    assert sync_m[-1]["loss"] != sync_m[0]["loss"]  # the steps did change something
+
+
+@pytest.mark.parametrize("slow", ["producer", "trainer"])
+def test_staleness_never_exceeds_the_bound(tmp_path, tiny_model_dir, slow):
+    """max_staleness 1, with the producer or the trainer made slow by 0.3 s a batch: every batch is
+    trained at most 1 step after the weights that sampled it; with a slow trainer the producer runs
+    ahead, so batches are exactly 1 step stale after the first two; the importance weights are on."""
+    data = small_recipe_data(tiny_model_dir, tmp_path, rollout={"max_staleness": 1}, trainer={"steps": 5})
+    recipe = build_recipe(data)
+    metrics, _, _ = run_steps(recipe, 5, slow_produce=0.3 if slow == "producer" else 0.0,
+                              slow_optimize=0.3 if slow == "trainer" else 0.0)
+    staleness = [m["async/staleness"] for m in metrics]
+    assert all(0 <= s <= 1 for s in staleness), staleness
+    assert staleness[0] == 0.0 and staleness[1] == 1.0  # batches 0 and 1 both come from the initial weights
+    if slow == "trainer":
+        assert staleness == [0.0, 1.0, 1.0, 1.0, 1.0]
+    # decoupled PPO's importance weights: 1 for a batch sampled by the very weights it is trained
+    # on (the first), off 1 once the sampling weights are a step old
+    assert metrics[0]["is/ratio_min"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics[0]["is/ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert any(abs(m["is/ratio_max"] - 1.0) > 1e-4 for m in metrics[1:])
+
+
+def test_checkpoint_holds_the_sampler_of_the_last_trained_batch(tmp_path, tiny_model_dir):
+    data = small_recipe_data(tiny_model_dir, tmp_path, rollout={"max_staleness": 2},
+                             trainer={"steps": 6, "save_every": 3})
+    trainer = RLTrainer(build_recipe(data))
+    try:
+        torch.manual_seed(0)
+        trainer.start_producer()
+        for _ in range(3):
+            trainer.train_batch()
+        time.sleep(1.0)  # let the producer run ahead (up to 2 batches)
+        saved = trainer.save()
+    finally:
+        trainer.close()
+    state = json.loads((saved / "trainer.json").read_text())
+    # 3 batches of 4 prompts consumed: the uniform sampler stands at position 12, whatever ran ahead
+    assert state["sampler"]["position"] == 12, state["sampler"]
+
+
+def test_a_whole_run_with_evaluation_checkpoints_and_resume(tmp_path, tiny_model_dir):
+    """train() with a producer: evaluation in between (the producer paused), checkpoints, and a
+    resume that regenerates the batches that were in flight and ends at the same step count."""
+    from rltk.workflows import train
+
+    common = {"rollout": {"max_staleness": 1}, "trainer": {"steps": 4, "save_every": 2, "eval_every": 2}}
+    first = small_recipe_data(tiny_model_dir, tmp_path, **common)
+    first["trainer"]["steps"] = 2
+    train(build_recipe(first), evaluate_before=False)
+    result = train(build_recipe(small_recipe_data(tiny_model_dir, tmp_path, **common)), evaluate_before=False,
+                   resume=True)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert steps == [1, 2, 3, 4]  # each step once: the resumed run starts at batch 2
+    assert all(r["async/staleness"] <= 1 for r in rows if "loss" in r)
+    assert result["after"]["summary"]["pass@k"]
+
+
+def test_producer_failure_is_raised_in_the_trainer(tmp_path, tiny_model_dir):
+    from rltk.trainer.guard import TrainingError
+
+    data = small_recipe_data(tiny_model_dir, tmp_path, rollout={"max_staleness": 1},
+                             rewards=[{"name": "tests.user_stages:raising_reward"}])
+    trainer = RLTrainer(build_recipe(data))
+    try:
+        with pytest.raises(TrainingError, match=r"^step 1: .*raising_reward.*raised ValueError: no reward today"):
+            trainer.train_batch()
+    finally:
+        trainer.close()
+
+
+def test_bad_staleness_settings_are_one_line(tiny_model_dir):
+    model = {"name_or_path": tiny_model_dir}
+    with pytest.raises(ConfigError, match="^rollout.max_staleness: -1 is negative"):
+        build_recipe({"model": model, "rollout": {"max_staleness": -1}})
+    with pytest.raises(ConfigError, match="^rollout.max_staleness > 0 trains on completions sampled by older"):
+        build_recipe({"model": model, "rollout": {"max_staleness": 1, "importance_sampling": {"enabled": False}}})
+    recipe = build_recipe({"model": model, "rollout": {"max_staleness": 1}, "trainer": {"prompts_per_step": 4}})
+    with pytest.raises(ConfigError, match=r"^rollout.max_staleness \(1\): asynchronous generation runs on one"):
+        check_layout(recipe, 2)
