@@ -124,3 +124,24 @@ def test_gpu_step_script_and_tokenizer():
     assert [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts] == [len(p) for p in prompts]
     with pytest.raises(SystemExit):
         gpu_step.parse_args(["--tiny", "--micro-batch-size", "3"])  # not whole groups
+
+
+def test_async_step_runs_both_loops_on_the_stand_in_and_locally(tiny_model_dir):
+    """benchmarks/async_step.py at a toy size: the stand-in's latency is the calibrated training time,
+    the asynchronous runs see staleness 0 then 1, never more, and both ratios are reported."""
+    from benchmarks import async_step
+
+    threads = torch.get_num_threads()
+    try:
+        report = async_step.main(["--steps", "2", "--warmup", "1", "--prompts", "4", "--group-size", "2",
+                                  "--max-new-tokens", "4", "--local", "--model-dir", tiny_model_dir,
+                                  "--threads", str(threads)])
+    finally:
+        torch.set_num_threads(threads)
+    runs = {r["name"]: r for r in report["runs"]}
+    assert sorted(runs) == ["async", "async-local", "sync", "sync-local"]
+    assert report["latency"] == report["calibration"]["train_s"] == runs["sync"]["latency"] == runs["async"]["latency"]
+    assert runs["sync"]["staleness_seen"] == [0.0] and runs["async"]["staleness_seen"] == [0.0, 1.0]
+    assert runs["async-local"]["staleness_seen"] == [0.0, 1.0]
+    assert report["ratio_stand_in"] == runs["async"]["step_s"] / runs["sync"]["step_s"]
+    assert report["ratio_local"] == runs["async-local"]["step_s"] / runs["sync-local"]["step_s"]
