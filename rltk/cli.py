@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe_args(cmp_)
     cmp_.add_argument("--variants", required=True, help="comma-separated variant names or recipe paths")
     cmp_.add_argument("--output-dir", default=None, help="default: <trainer.output_dir>/compare")
+    cmp_.add_argument("--seeds", default=None,
+                      help="comma-separated trainer seeds, e.g. 0,1,2: every variant per seed (each seed its own warm "
+                           "start), then mean pass@k with 95%% intervals over seeds and problems")
 
     # ---- REDI (docs/algorithms/redi.md): trace data, then SFT + REDI
     data = sub.add_parser("data", help="build training data from traces")
@@ -202,10 +205,18 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_compare(args) -> int:
-    from rltk.schema import load_recipe_data
-    from rltk.workflows import compare
+    from rltk.schema import ConfigError, load_recipe_data
+    from rltk.workflows import compare, compare_seeds
 
-    table, out = compare(load_recipe_data(args.recipe), args.overrides, args.variants.split(","), args.output_dir)
+    data, variants = load_recipe_data(args.recipe), args.variants.split(",")
+    if args.seeds is None:
+        table, out = compare(data, args.overrides, variants, args.output_dir)
+    else:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ConfigError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+        table, out = compare_seeds(data, args.overrides, variants, args.output_dir, seeds)
     print(table)
     print(f"comparison: {out}/comparison.md")
     return 0

@@ -280,6 +280,35 @@ def compare(base: dict[str, Any], overrides: list[str], variants: list[str], out
     return table, out
 
 
+def compare_seeds(base: dict[str, Any], overrides: list[str], variants: list[str], output_dir: str | None,
+                  seeds: list[int]):
+    """:func:`compare` once per seed (``trainer.seed``; each seed its own warm start, shared by its
+    variants) under ``<output_dir>/seed-<s>``, then one table of each variant's mean pass@k over seeds
+    with 95% intervals over seeds and over problems, and a plot with bands (rltk/eval/seeds.py).
+    Finished variants are reused as by :func:`compare`, so seeds can be added later."""
+    from rltk.eval.seeds import aggregate, final_report, start_report, write_seed_comparison
+
+    if len(set(seeds)) != len(seeds) or not seeds:
+        raise ConfigError(f"--seeds: expected distinct seeds, got {','.join(map(str, seeds)) or 'none'}")
+    first = build_recipe(variant_data(base, variants[0].strip()), overrides)
+    out = Path(output_dir or Path(first.trainer.output_dir) / "compare").expanduser()
+    names = [variant_name(v.strip()) for v in variants if v.strip()]
+    per_seed: dict[int, dict[str, list[dict]]] = {}
+    ks: set[int] = set()
+    for seed in seeds:
+        _, seed_out = compare(base, [*overrides, f"trainer.seed={seed}"], variants, str(out / f"seed-{seed}"))
+        started = next((seed_out / n for n in names if (seed_out / n / "eval" / f"step-{0:06d}").is_dir()), None)
+        runs = {"start": start_report(started)["per_problem"]} if started is not None else {}
+        for name in names:
+            report = final_report(seed_out / name)
+            runs[name] = report["per_problem"]
+            ks |= {int(k) for k in report["summary"]["pass@k"]}
+        per_seed[seed] = runs
+    stats = aggregate(per_seed, sorted(ks))
+    table = write_seed_comparison(out, stats, f"pass@k after RL, mean over seeds {','.join(map(str, seeds))}", seeds)
+    return table, out
+
+
 def _finished_run(recipe: Recipe, run_dir: Path) -> dict[str, dict] | None:
     """The before/after summaries (as reports) of a run in ``run_dir`` that finished with exactly
     ``recipe`` (its ``result.json`` and ``recipe.json``), or None."""

@@ -67,15 +67,20 @@ def format_passk_table(reports: dict[str, dict], metrics: Iterable[str] = ("pass
     return "\n".join(lines)
 
 
-def _plot(curves: dict[str, dict[int, float]], title: str, *, xlabel: str = "k", ylabel: str = "accuracy",
-          log_x: bool = True) -> bytes:
-    """PNG of one curve per label (x -> y); by default pass@k against k on a log2 axis."""
+def plot_curves(curves: dict[str, dict[int, float]], title: str, *, xlabel: str = "k", ylabel: str = "accuracy",
+                log_x: bool = True, bands: dict[str, dict[int, tuple[float, float]]] | None = None) -> bytes:
+    """PNG of one curve per label (x -> y); by default pass@k against k on a log2 axis; ``bands``
+    (label -> x -> (low, high)) are shaded around their curves."""
     fig = Figure(figsize=(6, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ks = sorted({k for c in curves.values() for k in c})
     for label, c in curves.items():
-        ax.plot(list(c), list(c.values()), marker="o", label=label)
+        line, = ax.plot(list(c), list(c.values()), marker="o", label=label)
+        band = (bands or {}).get(label)
+        if band:
+            xs = sorted(band)
+            ax.fill_between(xs, [band[x][0] for x in xs], [band[x][1] for x in xs], color=line.get_color(), alpha=0.2)
     if log_x:
         ax.set_xscale("log", base=2)
         if ks:
@@ -121,7 +126,7 @@ def write_report(out_dir, *, summary: dict, protocol: dict, per_problem: list[di
     curves = {m: _curve(summary, m) for m in ("pass@k", "maj@k") if m in summary}
     atomic_write_bytes(out / "report.json", text.encode())
     atomic_write_bytes(out / "report.md", _report_markdown(report, name).encode())
-    atomic_write_bytes(out / "passk.png", _plot(curves, name))
+    atomic_write_bytes(out / "passk.png", plot_curves(curves, name))
     return report
 
 
@@ -135,7 +140,7 @@ def write_learning_curves(out_dir, curves: dict[str, dict[int, float]], title: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out / "learning_curve.png",
-                       _plot(curves, title, xlabel="step", ylabel=metric, log_x=False))
+                       plot_curves(curves, title, xlabel="step", ylabel=metric, log_x=False))
     return "\n".join(lines)
 
 
@@ -149,5 +154,5 @@ def write_comparison(out_dir, reports: dict[str, dict], title: str) -> str:
     out.mkdir(parents=True, exist_ok=True)
     curves = {name: _curve(r["summary"], "pass@k") for name, r in reports.items()}
     atomic_write_bytes(out / "comparison.md", f"# {title}\n\n{table}\n\n![pass@k](comparison.png)\n".encode())
-    atomic_write_bytes(out / "comparison.png", _plot(curves, title))
+    atomic_write_bytes(out / "comparison.png", plot_curves(curves, title))
     return table
