@@ -195,6 +195,7 @@ class AlgorithmConfig:
     """The pluggable stage. Each entry is a name or ``{name: ..., **params}``; a name may be an
     import path ``package.module:function`` for user code."""
 
+    shaping: list[Any] = field(default_factory=list)  # reward-shaping terms, e.g. [{name: length_penalty, coef: 0.1}]
     advantage: list[Any] = field(default_factory=lambda: [{"name": "grpo"}])  # estimator, then modifiers
     loss: Any = "ppo_clip"
     aggregation: Any = "token_mean"

@@ -266,7 +266,7 @@ def validate(recipe: Recipe) -> None:
     _convert_stage_params(recipe.algorithm)
     a = recipe.algorithm
     try:
-        algorithm = Algorithm.resolve(a.advantage, a.loss, a.aggregation, a.terms, a.sampler)
+        algorithm = Algorithm.resolve(a.advantage, a.loss, a.aggregation, a.terms, a.sampler, a.shaping)
         # checks its knobs on a small stand-in dataset: never sized by the recipe, so nothing big is allocated
         algorithm.make_sampler(_DRY_RUN_PROMPTS, t.seed)  # what it raises is one line naming the sampler
         algorithm.pipeline.dry_run()
@@ -398,6 +398,8 @@ def _stage_slots(a: AlgorithmConfig) -> list[tuple[str, str, Any]]:
               ("sampler", "algorithm.sampler", a.sampler)]
     if isinstance(a.terms, list):
         slots += [("term", f"algorithm.terms[{i}]", spec) for i, spec in enumerate(a.terms)]
+    if isinstance(a.shaping, list):
+        slots += [("shaping", f"algorithm.shaping[{i}]", spec) for i, spec in enumerate(a.shaping)]
     return slots
 
 

@@ -8,6 +8,7 @@ from rltk.algos.registry import (
     register_loss,
     register_modifier,
     register_sampler,
+    register_shaping,
     register_term,
     registered,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "register_loss",
     "register_modifier",
     "register_sampler",
+    "register_shaping",
     "register_term",
     "registered",
 ]

@@ -2,4 +2,4 @@
 from rltk.algos import aggregation, estimators, filters, losses, samplers, terms  # noqa: F401
 from rltk.algos import ace, negative, resrl  # noqa: F401
 from rltk.algos import tsallis, weighted  # noqa: F401
-from rltk.algos import pairing, pools  # noqa: F401
+from rltk.algos import pairing, pools, shaping  # noqa: F401

@@ -1,4 +1,5 @@
-"""The advantage/loss pipeline a recipe selects: estimator → modifiers → loss + terms → aggregation,
+"""The advantage/loss pipeline a recipe selects: reward shaping → estimator → modifiers → loss + terms →
+aggregation,
 and :class:`Algorithm`, the whole ``algorithm`` section (pipeline and sampler) resolved once when the
 recipe loads (rltk.validate). The trainer calls them with tensors only.
 """
@@ -95,6 +96,17 @@ def _check_advantages(call: StageCall, value: Any, rollouts: Rollouts) -> Advant
     return value
 
 
+def _check_shaping(call: StageCall, value: Any, rollouts: Rollouts) -> Tensor:
+    """A shaping stage's output: a finite float tensor ``[N]``, one term per completion."""
+    n = rollouts.num_completions
+    if not (torch.is_tensor(value) and value.is_floating_point() and tuple(value.shape) == (n,)):
+        got = f"{value.dtype} of shape {list(value.shape)}" if torch.is_tensor(value) else _type_name(value)
+        raise StageFailure(call.stage, f"returned {got}; expected a float tensor [N] = [{n}] (one term per completion)")
+    if not torch.isfinite(value).all():
+        raise StageFailure(call.stage, "returned a non-finite reward term")
+    return value.to(rollouts.rewards.dtype)
+
+
 def _check_loss(call: StageCall, value: Any, logps: Tensor) -> LossOutput:
     """A loss's or term's output: a per-token ``[N, T]`` tensor or a ``LossOutput`` holding one,
     with per-token metrics that broadcast to ``[N, T]``. A scalar is refused: averaging is the
@@ -150,7 +162,8 @@ def _dummy_rollouts() -> Rollouts:
 
 
 class AlgorithmPipeline:
-    """One estimator, zero or more modifiers, one loss, extra terms and one aggregation."""
+    """Zero or more reward-shaping terms, one estimator, zero or more modifiers, one loss, extra terms
+    and one aggregation."""
 
     def __init__(
         self,
@@ -158,9 +171,11 @@ class AlgorithmPipeline:
         loss: str | dict[str, Any] = "ppo_clip",
         aggregation: str | dict[str, Any] = "token_mean",
         terms: Sequence[str | dict[str, Any]] = (),
+        shaping: Sequence[str | dict[str, Any]] = (),
     ):
         if not advantage:
             raise StageError("algorithm.advantage must list at least an estimator, e.g. [{name: grpo}]")
+        self.shaping = [StageCall.from_spec("shaping", spec) for spec in shaping]
         self.estimator = StageCall.from_spec("advantage", advantage[0])
         self.modifiers = [StageCall.from_spec("modifier", spec) for spec in advantage[1:]]
         self.loss = StageCall.from_spec("loss", loss)
@@ -168,17 +183,31 @@ class AlgorithmPipeline:
         self.terms = [StageCall.from_spec("term", spec) for spec in terms]
 
     def stages(self) -> list[StageCall]:
-        return [self.estimator, *self.modifiers, self.loss, *self.terms]
+        return [*self.shaping, self.estimator, *self.modifiers, self.loss, *self.terms]
 
     def needs(self) -> set[str]:
         """Union of every selected stage's declared needs."""
         return set().union(*(call.needs() for call in self.stages()))
 
+    def shape_rewards(self, rollouts: Rollouts) -> tuple[Rollouts, dict[str, float]]:
+        """``rollouts`` with every shaping stage's term added to the rewards (each computed from the
+        rewards before any shaping), and ``<stage>/mean``, ``/min``, ``/max`` of each term."""
+        metrics: dict[str, float] = {}
+        total = rollouts.rewards
+        for call in self.shaping:
+            term = _check_shaping(call, call(rollouts), rollouts)
+            total = total + term
+            metrics.update({f"{call.name}/mean": float(term.mean()), f"{call.name}/min": float(term.min()),
+                            f"{call.name}/max": float(term.max())})
+        return (replace(rollouts, rewards=total) if self.shaping else rollouts), metrics
+
     def compute_advantages(self, rollouts: Rollouts) -> tuple[Advantages, dict[str, float]]:
-        """Run the estimator then each modifier; metrics are prefixed by the stage name. The
-        estimator's ``answer_sft_weights`` survive a modifier that builds new Advantages without them."""
+        """Shape the rewards, then run the estimator and each modifier; metrics are prefixed by the
+        stage name. The estimator's ``answer_sft_weights`` survive a modifier that builds new
+        Advantages without them."""
+        rollouts, metrics = self.shape_rewards(rollouts)
         advantages = _check_advantages(self.estimator, self.estimator(rollouts), rollouts)
-        metrics = {f"{self.estimator.name}/{k}": v for k, v in advantages.metrics.items()}
+        metrics.update({f"{self.estimator.name}/{k}": v for k, v in advantages.metrics.items()})
         for modifier in self.modifiers:
             previous, advantages = advantages, _check_advantages(modifier, modifier(rollouts, advantages), rollouts)
             if advantages.metrics is not previous.metrics:  # a stage that passes its input through adds none
@@ -277,9 +306,10 @@ class Algorithm:
     @classmethod
     def resolve(cls, advantage: Sequence[str | dict[str, Any]], loss: str | dict[str, Any],
                 aggregation: str | dict[str, Any], terms: Sequence[str | dict[str, Any]],
-                sampler: str | dict[str, Any]) -> "Algorithm":
+                sampler: str | dict[str, Any], shaping: Sequence[str | dict[str, Any]] = ()) -> "Algorithm":
         """Every stage looked up and its parameters checked; a problem is one StageError line."""
-        return cls(AlgorithmPipeline(advantage, loss, aggregation, terms), StageCall.from_spec("sampler", sampler))
+        return cls(AlgorithmPipeline(advantage, loss, aggregation, terms, shaping),
+                   StageCall.from_spec("sampler", sampler))
 
     def needs(self) -> set[str]:
         return self.pipeline.needs()

@@ -20,7 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
-KINDS = ("advantage", "modifier", "loss", "aggregation", "term", "sampler")
+KINDS = ("shaping", "advantage", "modifier", "loss", "aggregation", "term", "sampler")
 _STATIC_NEEDS = {"old_logps", "ref_logps", "answer_logps", "roles", "entropy"}
 
 Needs = Iterable[str] | Callable[[dict[str, Any]], Iterable[str]]
@@ -77,6 +77,7 @@ class Stage:
 
 # Positional inputs the trainer passes to each kind of stage; recipes cannot set these.
 _POSITIONAL = {
+    "shaping": {"rollouts"},
     "advantage": {"rollouts"},
     "modifier": {"rollouts", "advantages"},
     "loss": {"logps", "rollouts", "advantages"},
@@ -96,6 +97,12 @@ def _register(kind: str, name: str, needs: Needs = (), **facts: Any):
         return fn
 
     return decorator
+
+
+def register_shaping(name: str, *, needs: Needs = ()):
+    """Register a reward-shaping stage ``fn(rollouts, **params) -> Tensor[N]``: a term added to every
+    completion's reward before the estimator runs (docs/algorithms/reference.md §0.5)."""
+    return _register("shaping", name, needs)
 
 
 def register_advantage(name: str, *, needs: Needs = (), group_baseline: bool = False):
