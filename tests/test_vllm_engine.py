@@ -200,6 +200,37 @@ def test_two_trainer_steps_sync_once_per_optimizer_step(tiny_model_dir, tmp_path
         trainer.close()
 
 
+def test_async_producer_pushes_weights_between_batches_under_the_lock(tiny_model_dir, tmp_path, fake_vllm):
+    """max_staleness 1 with the vllm engine: the producer samples with the trainer's vllm engine,
+    pushes the newest weights before a batch whose version changed (never during one, and never
+    while the trainer changes them), and the trainer's update marks nothing stale itself."""
+    from rltk.trainer.rl import RLTrainer
+
+    trainer = RLTrainer(build_recipe(small_recipe_data(tiny_model_dir, tmp_path, trainer={"steps": 3},
+                                                       rollout={"engine": "vllm", "max_staleness": 1})))
+    try:
+        (fake,) = fake_vllm.instances
+        engine = trainer.engine
+        locked = []
+        push = engine.push_weights
+
+        def checked_push():
+            locked.append(trainer.producer.weights_lock.locked())
+            push()
+
+        engine.push_weights = checked_push
+        metrics = [trainer.train_batch() for _ in range(3)]
+        assert trainer.collector.engine is engine
+        assert locked and all(locked)  # every push under the weights lock
+        kinds = [e[0] for e in fake.events]
+        # batches 0 and 1 from version 0 (one push), batch 2 from version 1 (a second push)
+        assert kinds == ["sync", "generate", "generate", "sync", "generate"]
+        assert [m["async/staleness"] for m in metrics] == [0.0, 1.0, 1.0]
+        assert [m["async/version"] for m in metrics] == [0.0, 0.0, 1.0]
+    finally:
+        trainer.close()
+
+
 # --------------------------------------------------------------------------- trl's VLLMGeneration with fakes
 
 
