@@ -284,8 +284,9 @@ def compare_seeds(base: dict[str, Any], overrides: list[str], variants: list[str
                   seeds: list[int]):
     """:func:`compare` once per seed (``trainer.seed``; each seed its own warm start, shared by its
     variants) under ``<output_dir>/seed-<s>``, then one table of each variant's mean pass@k over seeds
-    with 95% intervals over seeds and over problems, and a plot with bands (rltk/eval/seeds.py).
-    Finished variants are reused as by :func:`compare`, so seeds can be added later."""
+    with 95% intervals over seeds and over problems, the paired differences to the first variant,
+    and a plot with bands (rltk/eval/seeds.py). Finished variants are reused as by :func:`compare`,
+    so seeds can be added later."""
     from rltk.eval.seeds import aggregate, final_report, start_report, write_seed_comparison
 
     if len(set(seeds)) != len(seeds) or not seeds:
@@ -304,8 +305,9 @@ def compare_seeds(base: dict[str, Any], overrides: list[str], variants: list[str
             runs[name] = report["per_problem"]
             ks |= {int(k) for k in report["summary"]["pass@k"]}
         per_seed[seed] = runs
-    stats = aggregate(per_seed, sorted(ks))
-    table = write_seed_comparison(out, stats, f"pass@k after RL, mean over seeds {','.join(map(str, seeds))}", seeds)
+    stats = aggregate(per_seed, sorted(ks), baseline=names[0])
+    table = write_seed_comparison(out, stats, f"pass@k after RL, mean over seeds {','.join(map(str, seeds))}", seeds,
+                                  baseline=names[0])
     return table, out
 
 

@@ -49,6 +49,16 @@ def test_aggregate_means_and_intervals_by_hand():
     nsr2 = [sum(p2[c] for c in COUNTS[s]["nsr"]) / 4 for s in COUNTS]
     assert stats["nsr"][2]["mean"] == pytest.approx(sum(nsr2) / 3)
     assert stats["start"][2]["seeds"] == 3.0
+    assert "diff" not in stats["grpo"][1]  # no baseline asked for
+    # paired differences to grpo at pass@1: nsr 9/16, 9/16, 10/16 against grpo 9/16, 10/16, 12/16
+    paired = S.aggregate(per_seed, [1], baseline="grpo")
+    diffs = [0.0, -1 / 16, -2 / 16]
+    d_mean = sum(diffs) / 3
+    d_sd = math.sqrt(sum((d - d_mean) ** 2 for d in diffs) / 2)
+    assert paired["nsr"][1]["diff"] == pytest.approx(d_mean)
+    assert paired["nsr"][1]["diff_half"] == pytest.approx(4.303 * d_sd / math.sqrt(3))
+    assert paired["grpo"][1]["diff"] == 0.0 and paired["grpo"][1]["diff_half"] == 0.0
+    assert f"| nsr | 3 | {d_mean:+.3f} ± " in S.format_table(paired, "grpo")
     table = S.format_table(stats)
     assert table.splitlines()[0] == "| variant | seeds | pass@1 | pass@2 |"
     assert f"| grpo | 3 | {mean:.3f} ± {stats['grpo'][1]['seed_half']:.3f} (± " in table
@@ -98,6 +108,8 @@ def test_compare_seeds_runs_each_seed_and_tabulates(tmp_path, monkeypatch, tiny_
     for variant in direct:
         for k in (1, 2):
             assert stored["stats"][variant][str(k)]["mean"] == pytest.approx(direct[variant][k]["mean"])
+    assert stored["stats"]["nsr"]["1"]["diff"] == pytest.approx(-1 / 16)  # paired to the first variant, grpo
+    assert "Paired difference to grpo" in table
     assert (out / "comparison.png").stat().st_size > 1000 and table in (out / "comparison.md").read_text()
     with pytest.raises(workflows.ConfigError, match="^--seeds: expected distinct seeds, got 1,1"):
         workflows.compare_seeds(base, [], ["grpo"], None, [1, 1])

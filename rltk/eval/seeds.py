@@ -54,33 +54,58 @@ def problem_half_width(per_seed_problems: list[list[float]]) -> float:
     return 1.96 * math.sqrt(sum(variances)) / len(per_seed_problems)
 
 
-def aggregate(per_seed: dict[int, dict[str, list[dict]]], ks: list[int]) -> dict[str, dict[int, dict[str, float]]]:
+def aggregate(per_seed: dict[int, dict[str, list[dict]]], ks: list[int],
+              baseline: str | None = None) -> dict[str, dict[int, dict[str, float]]]:
     """``per_seed[seed][variant]`` = that run's per-problem results (report.json's ``per_problem``) →
-    ``{variant: {k: {mean, seed_half, problem_half, seeds}}}`` over the seeds that have the variant."""
+    ``{variant: {k: {mean, seed_half, problem_half, seeds}}}`` over the seeds that have the variant.
+    With ``baseline`` (a variant), also ``diff`` and ``diff_half``: the mean over seeds of the paired
+    difference variant − baseline and its 95% t half-width (the seeds that have both). Pairing takes
+    out what the seeds share, the warm start above all, which dominates the spread between seeds."""
     variants = list(dict.fromkeys(v for runs in per_seed.values() for v in runs))
+    seed_value = {}  # (variant, seed, k) -> that seed's pass@k
     out: dict[str, dict[int, dict[str, float]]] = {}
     for variant in variants:
-        runs = [runs[variant] for runs in per_seed.values() if variant in runs]
         out[variant] = {}
         for k in ks:
-            per_run = [problem_values(problems, k) for problems in runs]
-            if not all(per_run):
+            per_run = {seed: problem_values(runs[variant], k) for seed, runs in per_seed.items() if variant in runs}
+            if not all(per_run.values()):
                 continue
-            mean, seed_half = seed_interval([statistics.fmean(v) for v in per_run])
-            out[variant][k] = {"mean": mean, "seed_half": seed_half, "problem_half": problem_half_width(per_run),
+            seed_value.update({(variant, seed, k): statistics.fmean(v) for seed, v in per_run.items()})
+            mean, seed_half = seed_interval([statistics.fmean(v) for v in per_run.values()])
+            out[variant][k] = {"mean": mean, "seed_half": seed_half,
+                               "problem_half": problem_half_width(list(per_run.values())),
                                "seeds": float(len(per_run))}
+    if baseline is not None:
+        for variant, per_k in out.items():
+            for k, stats in per_k.items():
+                diffs = [seed_value[(variant, s, k)] - seed_value[(baseline, s, k)] for s in per_seed
+                         if (variant, s, k) in seed_value and (baseline, s, k) in seed_value]
+                if diffs:
+                    stats["diff"], stats["diff_half"] = seed_interval(diffs)
     return out
 
 
-def format_table(stats: dict[str, dict[int, dict[str, float]]]) -> str:
-    """Markdown: one row per variant, one column per k: ``mean ± seed half-width (± problem half-width)``."""
+def format_table(stats: dict[str, dict[int, dict[str, float]]], baseline: str | None = None) -> str:
+    """Markdown: one row per variant, one column per k: ``mean ± seed half-width (± problem half-width)``;
+    with ``baseline``, a second table of the paired differences to it: ``diff ± half-width``."""
     ks = sorted({k for per_k in stats.values() for k in per_k})
-    lines = ["| variant | seeds | " + " | ".join(f"pass@{k}" for k in ks) + " |", "|" + "---|" * (len(ks) + 2)]
+    header = "| variant | seeds | " + " | ".join(f"pass@{k}" for k in ks) + " |"
+    lines = [header, "|" + "---|" * (len(ks) + 2)]
     for variant, per_k in stats.items():
         seeds = int(max((v["seeds"] for v in per_k.values()), default=0))
         cells = [f"{per_k[k]['mean']:.3f} ± {per_k[k]['seed_half']:.3f} (± {per_k[k]['problem_half']:.3f})"
                  if k in per_k else "" for k in ks]
         lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
+    if baseline is not None:
+        lines += ["", f"Paired difference to {baseline} (mean over seeds ± 95% t interval):", "", header,
+                  "|" + "---|" * (len(ks) + 2)]
+        for variant, per_k in stats.items():
+            if variant == baseline:
+                continue
+            seeds = int(max((v["seeds"] for v in per_k.values()), default=0))
+            cells = [f"{per_k[k]['diff']:+.3f} ± {per_k[k]['diff_half']:.3f}" if "diff" in per_k.get(k, {}) else ""
+                     for k in ks]
+            lines.append(f"| {variant} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -97,12 +122,12 @@ def start_report(run_dir: Path) -> dict:
 
 
 def write_seed_comparison(out: Path, stats: dict[str, dict[int, dict[str, float]]], title: str,
-                          seeds: list[int]) -> str:
+                          seeds: list[int], baseline: str | None = None) -> str:
     """``comparison.md`` (the table, the intervals explained) and ``comparison.png`` (mean pass@k
     against k, the seeds' 95% interval as a band) under ``out``; returns the table."""
     from rltk.eval.report import plot_curves
 
-    table = format_table(stats)
+    table = format_table(stats, baseline)
     note = (f"Mean over seeds {', '.join(map(str, seeds))} ± the 95% t interval over seeds "
             "(± the 95% interval over held-out problems); docs/evaluation.md, \"Several seeds\".")
     out.mkdir(parents=True, exist_ok=True)
