@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from rltk.algos.registry import StageError, register_sampler
-from rltk.algos.samplers import Sampler
+from rltk.algos.samplers import Sampler, UniformSampler
 
 ACTIVE, RETIRED, DEFERRED = "active", "retired", "deferred"
 
@@ -45,13 +45,8 @@ class DifficultyPoolSampler(Sampler):
         self.retire_after, self.defer_after, self.revisit_share = retire_after, defer_after, revisit_share
         self.streak = [0] * num_prompts
         self.pool = [ACTIVE] * num_prompts
-        self.epoch = self.position = self.batches = 0
-        self.last_revisits = 0
-        self._order = self._permutation(0)
-
-    def _permutation(self, epoch: int) -> list[int]:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.num_prompts, generator=generator).tolist()
+        self.walk = UniformSampler(num_prompts, seed)  # the shuffled epochs the active prompts are taken from
+        self.batches = self.last_revisits = 0
 
     def next_indices(self, n: int) -> list[int]:
         self.batches += 1
@@ -74,12 +69,7 @@ class DifficultyPoolSampler(Sampler):
         """The next ``n`` active prompts of the shuffled epochs (parked ones are skipped)."""
         out: list[int] = []
         while len(out) < n:
-            if self.position == self.num_prompts:
-                self.epoch += 1
-                self.position = 0
-                self._order = self._permutation(self.epoch)
-            index = self._order[self.position]
-            self.position += 1
+            (index,) = self.walk.next_indices(1)
             if self.pool[index] == ACTIVE:
                 out.append(index)
         return out
@@ -105,13 +95,13 @@ class DifficultyPoolSampler(Sampler):
                 "pools/deferred": float(self.pool.count(DEFERRED)), "pools/revisits": float(self.last_revisits)}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "batches": self.batches,
-                "streak": list(self.streak), "pool": list(self.pool)}
+        return {**self.walk.state_dict(), "batches": self.batches, "streak": list(self.streak),
+                "pool": list(self.pool)}
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["streak"]) != self.num_prompts:
             raise ValueError(f"difficulty_pools: the checkpoint tracks {len(state['streak'])} prompts, the data has "
                              f"{self.num_prompts}")
-        self.epoch, self.position, self.batches = int(state["epoch"]), int(state["position"]), int(state["batches"])
+        self.walk.load_state_dict(state)
+        self.batches = int(state["batches"])
         self.streak, self.pool = [int(s) for s in state["streak"]], [str(p) for p in state["pool"]]
-        self._order = self._permutation(self.epoch)
