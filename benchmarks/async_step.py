@@ -12,8 +12,10 @@ will ask for (the same seed draws the same prompts), with their sampling log-pro
 2. ``sync`` and ``async`` (``max_staleness`` = ``--staleness``, default 1), both with the stand-in at
    latency T (``--latency`` sets it instead): wall time per optimizer step over ``--steps`` steps
    after ``--warmup``; the ideal ratio async / sync is 1/2 (generation hidden behind training);
-3. ``--local``: also both loops with the real ``hf`` engine (the producer's generation then shares
-   the 2 cores with training), whatever the ratio is.
+3. ``--local``: also the loops with the real ``hf`` engine, whatever the ratios are: synchronous,
+   with the producer in a worker process of its own (``rollout.producer: process``, half the
+   threads each; the default on CPU), and with the producer as a thread of the trainer's process
+   (``rollout.producer: thread``, sharing its threads and interpreter lock).
 
 The recipe is step_time.py's (the quickstart's GRPO shape: 32 prompts × 8, ``max_new_tokens`` 24) on
 rltk's tiny model or ``--model-dir``. Run alone (docs/design.md §9). Figures: benchmarks/README.md.
@@ -56,13 +58,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def recipe_data(args: argparse.Namespace, model_dir: str, out: Path, staleness: int) -> dict:
+def recipe_data(args: argparse.Namespace, model_dir: str, out: Path, staleness: int, producer: str = "auto") -> dict:
     from benchmarks.step_time import rltk_recipe_data
 
     shape = argparse.Namespace(prompts=args.prompts, group_size=args.group_size, max_new_tokens=args.max_new_tokens,
                                lengths="uniform", warmup=args.warmup, steps=args.steps, lr=args.lr, seed=args.seed)
     data = rltk_recipe_data(shape, model_dir, out)
     data["rollout"]["max_staleness"] = staleness
+    data["rollout"]["producer"] = producer
     # the same loss on both sides: the importance weights are on in the synchronous runs too (the
     # stand-in's completions come from the initial weights, so they are off-policy there as well)
     data["rollout"]["importance_sampling"] = {"enabled": True}
@@ -104,15 +107,15 @@ def batches_of(trainer, count: int) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace, model_dir: str, work: Path, name: str, staleness: int,
-        latency: float | None) -> dict:
+        latency: float | None, producer: str = "auto") -> dict:
     """One run: per-step wall times of ``warmup + steps`` optimizer steps (the stand-in when
-    ``latency`` is not None, else the recipe's own hf engine)."""
+    ``latency`` is not None, else the recipe's own hf engine with ``rollout.producer``)."""
     from rltk.engines.base import SamplingParams
     from rltk.trainer.rl import RLTrainer
     from rltk.validate import build_recipe
 
     torch.manual_seed(args.seed)
-    trainer = RLTrainer(build_recipe(recipe_data(args, model_dir, work / name, staleness)))
+    trainer = RLTrainer(build_recipe(recipe_data(args, model_dir, work / name, staleness, producer)))
     try:
         r = trainer.recipe.rollout
         if latency is not None:
@@ -156,7 +159,8 @@ def main(argv: list[str] | None = None) -> dict:
                                                                       latency)]
         if args.local:
             runs += [run(args, model_dir, work, "sync-local", 0, None),
-                     run(args, model_dir, work, "async-local", args.staleness, None)]
+                     run(args, model_dir, work, "async-process", args.staleness, None, "process"),
+                     run(args, model_dir, work, "async-thread", args.staleness, None, "thread")]
     print(f"{args.prompts} prompts × {args.group_size} completions, max_new_tokens {args.max_new_tokens}, "
           f"{args.threads} thread(s), {args.steps} timed steps after {args.warmup} per run; stand-in latency "
           f"{latency:.3f} s (calibrated training time per step {calibration['train_s']:.3f} s)")
@@ -170,8 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
               "ratio_stand_in": by["async"]["step_s"] / by["sync"]["step_s"]}
     print(f"ratio async / sync, remote stand-in: {report['ratio_stand_in']:.3f} (ideal 0.5)")
     if args.local:
-        report["ratio_local"] = by["async-local"]["step_s"] / by["sync-local"]["step_s"]
-        print(f"ratio async / sync, local hf producer: {report['ratio_local']:.3f}")
+        for producer in ("process", "thread"):
+            report[f"ratio_{producer}"] = by[f"async-{producer}"]["step_s"] / by["sync-local"]["step_s"]
+            print(f"ratio async / sync, local hf producer ({producer}): {report[f'ratio_{producer}']:.3f}")
     return report
 
 

@@ -162,6 +162,13 @@ class RolloutConfig:
     # asynchronous generation: a producer samples rollout batches ahead, at most this many optimizer
     # steps behind the weights they are trained on (0 = the synchronous loop); docs/pipeline.md
     max_staleness: int = 0
+    # where the hf engine's producer samples: "process" (a worker process with producer_threads torch
+    # threads of its own, weights in shared memory), "thread" (in the trainer's process), "auto"
+    # (process for a policy on CPU, thread on a GPU); rltk/engines/worker.py
+    producer: str = "auto"
+    producer_threads: int = 0  # 0: half the trainer's torch threads (at least 1); the trainer keeps the rest
+    # the trainer waits at most this long for the producer's next batch (a reward that hangs), 0 = no limit
+    producer_timeout_s: float = 1800.0
     vllm: VLLMConfig = field(default_factory=VLLMConfig)
     importance_sampling: ImportanceSamplingConfig = field(default_factory=ImportanceSamplingConfig)
 

@@ -41,6 +41,7 @@ _TRACKERS = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",)
              "mlflow": ("mlflow",), "comet_ml": ("comet_ml",), "aim": ("aim",), "clearml": ("clearml",),
              "dvclive": ("dvclive",), "swanlab": ("swanlab",)}
 _DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+PRODUCERS = ("auto", "thread", "process")  # rollout.producer
 
 
 def _validate_values(recipe: Recipe) -> None:
@@ -197,6 +198,7 @@ SIZE_LIMITS = {
     "rollout.max_tokens_per_batch": 1_073_741_824,
     "rollout.max_refill_rounds": 1_000,
     "rollout.max_staleness": 1_000,
+    "rollout.producer_threads": 1_024,
 }
 MAX_COMPLETIONS_PER_STEP = 16_777_216  # trainer.prompts_per_step × rollout.group_size (2**24)
 MAX_SEED = 2**31 - 1  # numpy takes seeds < 2**32 and accelerate adds the process index to trainer.seed
@@ -367,6 +369,15 @@ def _check_token_budgets(recipe: Recipe) -> None:
     if r.max_staleness < 0:
         raise ConfigError(f"rollout.max_staleness: {r.max_staleness} is negative (optimizer steps a rollout batch may "
                           "lag behind; 0 = synchronous)")
+    if r.producer not in PRODUCERS:
+        raise ConfigError(f"rollout.producer: {r.producer!r} is not one of {', '.join(PRODUCERS)}")
+    if r.producer == "process" and r.engine != "hf":
+        raise ConfigError("rollout.producer: process applies to the hf engine only (vLLM samples in its own engine "
+                          "or server); remove it")
+    if r.producer_threads < 0:
+        raise ConfigError(f"rollout.producer_threads: {r.producer_threads} is negative (0 = half the trainer's threads)")
+    if r.producer_timeout_s < 0:
+        raise ConfigError(f"rollout.producer_timeout_s: {r.producer_timeout_s} is negative (0 = no limit)")
     if r.max_staleness > 0 and r.importance_sampling.enabled is False:
         raise ConfigError("rollout.max_staleness > 0 trains on completions sampled by older weights, which needs the "
                           "importance weights to that behaviour policy: remove rollout.importance_sampling.enabled: "

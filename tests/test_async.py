@@ -45,18 +45,109 @@ def run_steps(recipe, steps: int, producer_staleness: int | None = None, slow_pr
         trainer.close()
 
 
-def test_producer_at_staleness_zero_is_the_synchronous_loop(tmp_path, tiny_model_dir):
-    """5 steps: the same losses, rewards and final weights, bit for bit, through the producer thread
-    (sampling a copy of the policy refreshed between batches) as in the synchronous loop."""
+@pytest.mark.parametrize("producer", ["thread", "process"])
+def test_producer_at_staleness_zero_is_the_synchronous_loop(tmp_path, tiny_model_dir, producer):
+    """5 steps: the same losses, rewards and final weights, bit for bit, through the producer (sampling
+    a copy of the policy refreshed between batches, in a thread or in a worker process with weights in
+    shared memory and the caller's RNG state) as in the synchronous loop. The worker takes half the
+    torch threads, and the trainer has them back after close()."""
+    threads = torch.get_num_threads()
     steps = {"trainer": {"steps": 5}}
     sync_m, sync_w, _ = run_steps(build_recipe(small_recipe_data(tiny_model_dir, tmp_path / "a", **steps)), 5)
-    async_m, async_w, _ = run_steps(build_recipe(small_recipe_data(tiny_model_dir, tmp_path / "b", **steps)), 5,
-                                    producer_staleness=0)
+    async_m, async_w, _ = run_steps(build_recipe(small_recipe_data(
+        tiny_model_dir, tmp_path / "b", rollout={"producer": producer}, **steps)), 5, producer_staleness=0)
     assert [m["loss"] for m in async_m] == [m["loss"] for m in sync_m]
     assert [m["reward/mean"] for m in async_m] == [m["reward/mean"] for m in sync_m]
     assert all(m["async/staleness"] == 0.0 for m in async_m)
     assert torch.equal(async_w, sync_w)
     assert sync_m[-1]["loss"] != sync_m[0]["loss"]  # the steps did change something
+    assert [m.get("async/worker_restarts") for m in async_m] == [0.0 if producer == "process" else None] * 5
+    assert torch.get_num_threads() == threads
+
+
+def test_a_killed_worker_is_restarted_and_its_batch_is_the_same(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """SIGKILL the generation worker while it holds the second batch's request: it is restarted
+    (logged, counted in async/worker_restarts) and the request is sent again with the same RNG
+    state, so 3 steps end on the very weights of a run without the kill."""
+    import os
+    import signal
+
+    from rltk.engines.worker import ProcessEngine
+
+    recipe = lambda out: build_recipe(small_recipe_data(tiny_model_dir, out, rollout={"producer": "process"},
+                                                        trainer={"steps": 3}))
+    _, plain_w, _ = run_steps(recipe(tmp_path / "a"), 3, producer_staleness=0)
+    receive, calls = ProcessEngine._receive, []
+
+    def kill_on_second_request(engine):
+        calls.append(engine.process.pid)
+        if len(calls) == 2:
+            os.kill(engine.process.pid, signal.SIGKILL)
+        return receive(engine)
+
+    monkeypatch.setattr(ProcessEngine, "_receive", kill_on_second_request)
+    with caplog.at_level("WARNING", logger="rltk.engines.worker"):
+        metrics, killed_w, _ = run_steps(recipe(tmp_path / "b"), 3, producer_staleness=0)
+    assert [m["async/worker_restarts"] for m in metrics] == [0.0, 1.0, 1.0]
+    assert calls[2] != calls[1]  # the request went to a new worker
+    assert "the generation worker died (exit code -9); restarting it" in caplog.text
+    assert torch.equal(killed_w, plain_w)
+
+
+def test_a_worker_that_keeps_dying_or_fails_is_one_line(tiny_model_dir):
+    import os
+    import signal
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rltk.engines.base import SamplingParams
+    from rltk.engines.worker import ProcessEngine, WorkerError
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_dir), AutoTokenizer.from_pretrained(tiny_model_dir)
+    engine = ProcessEngine(model, tokenizer, threads=1, max_restarts=1)
+    try:
+        with pytest.raises(WorkerError, match=r"^the generation worker failed: ValueError: .*temperature"):
+            engine.generate(["12+34="], SamplingParams(n=2, temperature=-1.0, max_new_tokens=4))
+        real_start = engine._start
+
+        def start_and_kill():
+            real_start()
+            os.kill(engine.process.pid, signal.SIGKILL)
+
+        engine._start = start_and_kill
+        os.kill(engine.process.pid, signal.SIGKILL)
+        with pytest.raises(WorkerError, match=r"^the generation worker died 2 times in a row on one request "
+                                              r"\(last exit code -9\)"):
+            engine.generate(["12+34="], SamplingParams(n=2, max_new_tokens=4))
+        assert engine.restarts == 1
+    finally:
+        engine.close()
+    assert engine.process is None
+
+
+def test_a_hanging_reward_stops_the_trainer_after_the_producer_timeout(tmp_path, tiny_model_dir):
+    """rollout.producer_timeout_s: a reward function that hangs is one line naming the setting and
+    what the producer was doing, and the checkpoint written before it is intact."""
+    from rltk.trainer.guard import TrainingError
+    from tests.user_stages import RELEASE_HANGING_REWARD
+
+    data = small_recipe_data(tiny_model_dir, tmp_path, rewards=[{"name": "tests.user_stages:hanging_reward"}],
+                             rollout={"max_staleness": 1, "producer": "thread", "producer_timeout_s": 1.5})
+    trainer = RLTrainer(build_recipe(data))
+    RELEASE_HANGING_REWARD.clear()
+    try:
+        saved = trainer.save()
+        start = time.monotonic()
+        with pytest.raises(TrainingError, match=r"^step 1: the producer made no rollout batch in 1.5 s "
+                                                r"\(rollout.producer_timeout_s\); it is producing rollout batch 0 "
+                                                r"\(sampling, verifying, rewarding\): a reward function or the engine "
+                                                r"may hang; the last good checkpoint .* is intact$"):
+            trainer.train_batch()
+        assert time.monotonic() - start < 10
+        assert (saved / "trainer.json").is_file()
+    finally:
+        RELEASE_HANGING_REWARD.set()
+        trainer.close()
 
 
 @pytest.mark.parametrize("slow", ["producer", "trainer"])
@@ -135,6 +226,14 @@ def test_bad_staleness_settings_are_one_line(tiny_model_dir):
         build_recipe({"model": model, "rollout": {"max_staleness": -1}})
     with pytest.raises(ConfigError, match="^rollout.max_staleness > 0 trains on completions sampled by older"):
         build_recipe({"model": model, "rollout": {"max_staleness": 1, "importance_sampling": {"enabled": False}}})
+    with pytest.raises(ConfigError, match="^rollout.producer: 'fork' is not one of auto, thread, process"):
+        build_recipe({"model": model, "rollout": {"producer": "fork"}})
+    with pytest.raises(ConfigError, match="^rollout.producer: process applies to the hf engine only"):
+        build_recipe({"model": model, "rollout": {"engine": "vllm", "producer": "process"}})
+    with pytest.raises(ConfigError, match="^rollout.producer_threads: -1 is negative"):
+        build_recipe({"model": model, "rollout": {"producer_threads": -1}})
+    with pytest.raises(ConfigError, match="^rollout.producer_timeout_s: -1.0 is negative"):
+        build_recipe({"model": model, "rollout": {"producer_timeout_s": -1.0}})
     recipe = build_recipe({"model": model, "rollout": {"max_staleness": 1}, "trainer": {"prompts_per_step": 4}})
     with pytest.raises(ConfigError, match=r"^rollout.max_staleness \(1\): asynchronous generation runs on one"):
         check_layout(recipe, 2)

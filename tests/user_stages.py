@@ -1,6 +1,8 @@
 """User stages selected by import path in tests (``tests.user_stages:fn``), as a recipe would."""
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from rltk.algos.types import Advantages, Rollouts
@@ -38,6 +40,15 @@ def alternating_unless_even_answer(completions, answer, **columns):
     even size has rewards that differ), except 0 for every completion of a prompt whose answer is
     even (a group with equal rewards)."""
     return [0.0 if int(a) % 2 == 0 else float(k % 2) for k, a in enumerate(answer)]
+
+
+RELEASE_HANGING_REWARD = threading.Event()
+
+
+def hanging_reward(completions, **columns):
+    """A reward function that hangs until the test sets ``RELEASE_HANGING_REWARD``."""
+    RELEASE_HANGING_REWARD.wait(timeout=60)
+    return [0.0] * len(completions)
 
 
 def raising_reward(completions, **columns):

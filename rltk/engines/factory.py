@@ -18,6 +18,13 @@ def require_engine(cfg: RolloutConfig) -> None:
         require_continuous_batching()
 
 
+def hf_settings(cfg: RolloutConfig, max_prompt_length: int | None) -> dict:
+    """The :class:`~rltk.engines.hf.HFEngine` keyword arguments ``cfg`` sets."""
+    return dict(batch_size=cfg.batch_size, max_prompt_length=max_prompt_length,
+                max_tokens_per_batch=cfg.max_tokens_per_batch, continuous_batching=cfg.continuous_batching,
+                drop_finished=cfg.drop_finished)
+
+
 def make_engine(cfg: RolloutConfig, get_model: Callable, tokenizer, max_prompt_length: int | None = None, *,
                 accelerator=None, model_cfg: ModelConfig | None = None, max_new_tokens: int | None = None):
     """``hf`` runs anywhere (with ``rollout.max_tokens_per_batch``, ``rollout.continuous_batching``
@@ -25,13 +32,11 @@ def make_engine(cfg: RolloutConfig, get_model: Callable, tokenizer, max_prompt_l
 
     ``max_new_tokens`` is the longest generation the run will ask for (sizes vLLM's context)."""
     if cfg.engine == "hf":
-        return HFEngine(get_model, tokenizer, batch_size=cfg.batch_size, max_prompt_length=max_prompt_length,
-                        max_tokens_per_batch=cfg.max_tokens_per_batch, continuous_batching=cfg.continuous_batching,
-                        drop_finished=cfg.drop_finished)
+        return HFEngine(get_model, tokenizer, **hf_settings(cfg, max_prompt_length))
     from rltk.engines.vllm import VLLMEngine
 
     return VLLMEngine.create(cfg, get_model, tokenizer, accelerator=accelerator, max_prompt_length=max_prompt_length,
                              max_new_tokens=max_new_tokens, model_cfg=model_cfg)
 
 
-__all__ = ["make_engine", "require_engine", "ConfigError"]
+__all__ = ["hf_settings", "make_engine", "require_engine", "ConfigError"]

@@ -36,6 +36,10 @@ from rltk.trainer.refill import ScoredGroups
 log = logging.getLogger(__name__)
 
 
+class ProducerError(RuntimeError):
+    """The producer ended, or made no batch in time: the trainer cannot go on."""
+
+
 @dataclass
 class Produced:
     """One rollout batch from the producer."""
@@ -67,6 +71,8 @@ class Producer:
         self.changed = threading.Condition()
         self.ready: queue.Queue[Produced | BaseException] = queue.Queue()
         self.stopped = False
+        self.hung = False
+        self.doing = "starting"  # what the producer is doing, for the timeout's message
         self.thread = threading.Thread(target=self._run, name="rltk-producer", daemon=True)
 
     def start(self) -> "Producer":
@@ -80,17 +86,24 @@ class Producer:
             self.version = version
             self.changed.notify_all()
 
-    def next(self) -> Produced:
+    def next(self, timeout: float | None = None) -> Produced:
         """The next batch, in order; a producer failure is raised here, and a producer that ended
-        without one (past ``last_index``, or stopped) is an error rather than a wait forever."""
+        without one (past ``last_index``, or stopped), or made none within ``timeout`` seconds (a
+        reward function or an engine that hangs), is an error rather than a wait forever."""
+        start = time.monotonic()
         while True:
             try:
-                item = self.ready.get(timeout=1.0)
+                wait = 1.0 if timeout is None else max(0.0, min(1.0, start + timeout - time.monotonic()))
+                item = self.ready.get(timeout=wait)
                 break
             except queue.Empty:
                 if not self.thread.is_alive() and self.ready.empty():
-                    raise RuntimeError(f"the producer has stopped (it makes rollout batches up to {self.last_index}; "
+                    raise ProducerError(f"the producer has stopped (it makes rollout batches up to {self.last_index}; "
                                        f"the trainer asked for batch {self.next_index})") from None
+                if timeout is not None and time.monotonic() - start >= timeout:
+                    self.hung = True  # stop() then does not wait for it
+                    raise ProducerError(f"the producer made no rollout batch in {timeout:g} s (rollout.producer_timeout_s)"
+                                       f"; it is {self.doing}: a reward function or the engine may hang") from None
         if isinstance(item, BaseException):
             raise item
         return item
@@ -105,7 +118,7 @@ class Producer:
         with self.changed:
             self.stopped = True
             self.changed.notify_all()
-        if self.thread.is_alive():
+        if self.thread.is_alive() and not self.hung:
             self.thread.join(timeout)
 
     # ------------------------------------------------------------------ producer side
@@ -119,9 +132,11 @@ class Producer:
         try:
             while self.next_index <= self.last_index:
                 index = self.next_index
+                self.doing = f"waiting for weights version {index * self.updates_per_batch - self.max_staleness}"
                 if not self._wait_for(index * self.updates_per_batch - self.max_staleness):
                     return
                 with self.busy:
+                    self.doing = f"producing rollout batch {index} (sampling, verifying, rewarding)"
                     if self.stopped:
                         return
                     with self.weights_lock:

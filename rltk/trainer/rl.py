@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from rltk.algos.pipeline import StageFailure
 from rltk.batching import plan, token_metrics
 from rltk.data.recipe import build_prompts, check_heldout, drop_long_prompts, load_split, load_test_split
-from rltk.engines.factory import make_engine, require_engine
+from rltk.engines.factory import hf_settings, make_engine, require_engine
 from rltk.eval.metrics import logged_metrics
 from rltk.eval.runner import EvalSettings, evaluate
 from rltk.io import atomic_write_json
@@ -43,7 +43,7 @@ from rltk.trainer.paced import make_paced
 from rltk.trainer.resume import load_latest_checkpoint
 from rltk.trainer.reward_model import build_rewards
 from rltk.trainer.run_dir import RunDir
-from rltk.trainer.producer import Producer
+from rltk.trainer.producer import Producer, ProducerError
 from rltk.trainer.sampler_correction import SamplerCorrection
 from rltk.validate import check_layout, micro_batch_rows
 
@@ -111,6 +111,8 @@ class RLTrainer(BaseTrainer):
         self.producer: Producer | None = None
         self.behaviour_engine = None  # what the producer samples with; None: a copy of the policy (hf engine)
         self.consumed_sampler_state: dict | None = None  # the sampler as of the last trained batch
+        self.owned_engines: list = []  # engines the trainer started (worker processes), closed by close()
+        self._threads_before: int | None = None  # the trainer's torch threads before a worker took some
         if resume:
             self._resume()
         lg = recipe.logging  # sampled completions every lg.log_completions_every batches
@@ -190,7 +192,7 @@ class RLTrainer(BaseTrainer):
         if self.producer is None:
             self.start_producer()
         start = time.perf_counter()
-        produced = self.producer.next()
+        produced = self.producer.next(timeout=self.recipe.rollout.producer_timeout_s or None)
         waited = time.perf_counter() - start
         expected = self.step // self.updates_per_batch
         if produced.index != expected:  # a bug, not an input: the producer's batches arrive in order
@@ -199,8 +201,13 @@ class RLTrainer(BaseTrainer):
         self.consumed_sampler_state = produced.sampler_state
         return self.collector.consume(produced.scored, {**produced.metrics, "async/staleness": float(staleness),
                                                         "async/version": float(produced.version),
-                                                        "async/wait": waited, "async/produce": produced.seconds},
+                                                        "async/wait": waited, "async/produce": produced.seconds,
+                                                        **self._worker_metrics()},
                                       self.step)
+
+    def _worker_metrics(self) -> dict[str, float]:
+        restarts = [e.restarts for e in self.owned_engines if hasattr(e, "restarts")]
+        return {"async/worker_restarts": float(sum(restarts))} if restarts else {}
 
     def start_producer(self, max_staleness: int | None = None) -> Producer:
         """Start the producer thread (rltk/trainer/producer.py) on the behaviour engine: a copy of the
@@ -225,11 +232,15 @@ class RLTrainer(BaseTrainer):
         """(engine, sync): what the producer samples with, and how it takes the newest weights."""
         if self.behaviour_engine is not None:
             return self.behaviour_engine, getattr(self.behaviour_engine, "sync_weights", lambda: None)
-        if self.recipe.rollout.engine == "vllm":
+        r = self.recipe.rollout
+        if r.engine == "vllm":
             return self.engine, self.engine.push_weights
+        policy = self.accelerator.unwrap_model(self.model)
+        on_cpu = next(policy.parameters()).device.type == "cpu"
+        if r.producer == "process" or (r.producer == "auto" and on_cpu):
+            return self._worker_engine(policy)
         import copy
 
-        policy = self.accelerator.unwrap_model(self.model)
         copied = copy.deepcopy(policy).requires_grad_(False)
 
         def sync() -> None:
@@ -238,6 +249,22 @@ class RLTrainer(BaseTrainer):
 
         engine = make_engine(self.recipe.rollout, lambda: copied, self.tokenizer, self.recipe.data.max_prompt_length)
         return engine, sync
+
+    def _worker_engine(self, policy):
+        """The hf engine in a worker process (rltk/engines/worker.py) on ``rollout.producer_threads``
+        torch threads; the trainer keeps the rest of its threads (restored by ``close``)."""
+        from rltk.engines.worker import ProcessEngine
+
+        total = torch.get_num_threads()
+        threads = self.recipe.rollout.producer_threads or max(1, total // 2)
+        engine = ProcessEngine(policy, self.tokenizer, threads=threads,
+                               **hf_settings(self.recipe.rollout, self.recipe.data.max_prompt_length))
+        self._threads_before = total
+        torch.set_num_threads(max(1, total - threads))
+        log.info("asynchronous generation: the producer samples in a worker process on %d torch threads, the trainer "
+                 "runs on %d", threads, torch.get_num_threads())
+        self.owned_engines.append(engine)
+        return engine, engine.sync_weights
 
     # ------------------------------------------------------------------ optimisation
     def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -317,14 +344,20 @@ class RLTrainer(BaseTrainer):
         traceback is logged at debug level (``rltk -v``)."""
         from rewards.registry import RewardError
 
+        from rltk.engines.worker import WorkerError
+
         try:
             return self._train_batch()
         except (StageFailure, RewardError) as exc:
             log.debug("step %d: user code failed", self.step + 1, exc_info=True)
-            last = self._last_good_checkpoint()
-            kept = f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
-            raise TrainingError(f"step {self.step + 1}: {exc.where} {exc.detail}; {kept} "
+            raise TrainingError(f"step {self.step + 1}: {exc.where} {exc.detail}; {self._kept()} "
                                 "(rltk -v logs the traceback)") from exc
+        except (ProducerError, WorkerError) as exc:  # asynchronous generation cannot go on
+            raise TrainingError(f"step {self.step + 1}: {exc}; {self._kept()}") from exc
+
+    def _kept(self) -> str:
+        last = self._last_good_checkpoint()
+        return f"the last good checkpoint {last} is intact" if last else "no checkpoint was written yet"
 
     def _last_good_checkpoint(self) -> Path | None:
         from rltk.trainer.checkpoint import latest_checkpoint
@@ -412,4 +445,10 @@ class RLTrainer(BaseTrainer):
     def close(self) -> None:
         if self.producer is not None:
             self.producer.stop()
+        for engine in self.owned_engines:
+            engine.close()
+        self.owned_engines.clear()
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
         self.verifier.close()
