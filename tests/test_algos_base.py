@@ -388,6 +388,29 @@ def test_zero_variance_filter():
     assert zvf(rollouts, prior).keep.tolist() == [False] * 4 + [True] * 3 + [False]
 
 
+def test_flat_groups_are_found_exactly_where_a_std_is_not_zero():
+    """Three rewards of 0.1 (float64): group_stats' std is ~1.7e-17, not 0, yet the group is flat;
+    the filter, GRPO's zero_variance_groups metric, the batch metric and dynamic sampling all call it
+    flat (one helper, max == min)."""
+    from rltk.algos.types import flat_groups, group_stats
+    from rltk.trainer.collector import batch_metrics
+    from rltk.trainer.refill import ScoredGroups
+
+    rewards = [0.1, 0.1, 0.1, 0.1, 0.3, 0.1]
+    rollouts = make_rollouts(rewards, group_ids=[0] * 3 + [1] * 3)
+    index, groups = rollouts.group_index()
+    assert group_stats(rollouts.rewards, index, groups)[1][0] > 0  # the inexact test would keep it
+    assert flat_groups(rollouts.rewards, index, groups).tolist() == [True, False]
+    assert flat_groups(torch.tensor([2.0, 5.0]), torch.tensor([0, 1]), 2).tolist() == [True, True]  # groups of one
+    grpo = stage("advantage", "grpo")(rollouts)
+    assert grpo.metrics["zero_variance_groups"] == pytest.approx(0.5)
+    assert stage("modifier", "zero_variance_filter")(rollouts, grpo).keep.tolist() == [False] * 3 + [True] * 3
+    reasons = {"no_answer": 0, "parse_error": 0, "timeout": 0}
+    assert batch_metrics(rollouts, grpo, reasons)["reward/zero_variance_groups"] == 0.5
+    scored = ScoredGroups([0, 1], None, None, [], rollouts.rewards, {})
+    assert scored.group_has_spread(3).tolist() == [False, True]
+
+
 def test_mask_truncated():
     rollouts = make_rollouts([1.0, 0.0, 0.0, 1.0], truncated=[False, True, False, False])
     out = stage("modifier", "mask_truncated")(rollouts, adv_of([1.0, -1.0, -1.0, 1.0]))

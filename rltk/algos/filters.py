@@ -4,15 +4,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from rltk.algos.registry import register_modifier
-from rltk.algos.types import Advantages, Rollouts, group_stats
+from rltk.algos.types import Advantages, Rollouts, flat_groups
 
 
 @register_modifier("zero_variance_filter")
 def zero_variance_filter(rollouts: Rollouts, advantages: Advantages) -> Advantages:
     """Drop groups whose rewards are all equal (DAPO's dynamic-sampling filter, without refill)."""
     index, groups = rollouts.group_index()
-    _, std, _ = group_stats(rollouts.rewards, index, groups)
-    keep = std > 0
+    keep = ~flat_groups(rollouts.rewards, index, groups)[index]
     metrics = {"dropped": float((~keep).double().mean())}
     return replace(advantages, keep=advantages.combine_keep(keep), metrics=metrics)
 

@@ -6,6 +6,7 @@ Both are frozen: a stage returns a new object instead of mutating its input.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -114,6 +115,17 @@ class LossOutput:
 
     per_token: Tensor
     token_metrics: dict[str, Tensor] = field(default_factory=dict)
+
+
+def flat_groups(values: Tensor, group_index: Tensor, num_groups: int) -> Tensor:
+    """bool [num_groups]: all of the group's values are equal (a group of one is flat), compared
+    exactly as max == min. A zero ``group_stats`` std is not exact: the mean is formed as total / size,
+    so a flat group such as three rewards of 0.1 in float64 gets a std of about 1e-17. Used wherever
+    rltk asks "do this group's rewards differ" (zero_variance_filter, dynamic sampling, metrics)."""
+    high = torch.full((num_groups,), -math.inf, dtype=values.dtype, device=values.device)
+    low = torch.full((num_groups,), math.inf, dtype=values.dtype, device=values.device)
+    high = high.scatter_reduce(0, group_index, values, "amax")
+    return high == low.scatter_reduce(0, group_index, values, "amin")
 
 
 def group_stats(values: Tensor, group_index: Tensor, num_groups: int) -> tuple[Tensor, Tensor, Tensor]:

@@ -21,7 +21,7 @@ import torch
 
 from rltk.algos.pipeline import Algorithm, StageFailure
 from rltk.algos.samplers import ProbeContext, Sampler
-from rltk.algos.types import Advantages, Rollouts
+from rltk.algos.types import Advantages, Rollouts, flat_groups
 from rltk.describe import describe_exception
 from rltk.engines.base import SamplingParams, rank_shard
 from rltk.io import atomic_write_json
@@ -331,15 +331,13 @@ def batch_metrics(rollouts: Rollouts, advantages: Advantages, reasons: dict[str,
     index, groups = rollouts.group_index()
     solved = torch.zeros(groups).index_add_(0, index, rollouts.correct.float())
     sizes = torch.zeros(groups).index_add_(0, index, torch.ones(n))
-    high = torch.full((groups,), -math.inf).scatter_reduce_(0, index, rollouts.rewards.float(), "amax")
-    low = torch.full((groups,), math.inf).scatter_reduce_(0, index, rollouts.rewards.float(), "amin")
     return {
         "reward/mean": float(rollouts.rewards.mean()),
         "reward/std": float(rollouts.rewards.std()) if n > 1 else 0.0,
         "correct/mean": float(rollouts.correct.float().mean()),
         "correct/all_correct_groups": float((solved == sizes).float().mean()),
         "correct/all_wrong_groups": float((solved == 0).float().mean()),
-        "reward/zero_variance_groups": float((high == low).float().mean()),
+        "reward/zero_variance_groups": float(flat_groups(rollouts.rewards, index, groups).float().mean()),
         "completion/length_mean": float(lengths.mean()),
         "completion/length_max": float(lengths.max()),
         "completion/truncated": float(rollouts.truncated.float().mean()),

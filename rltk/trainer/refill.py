@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from rltk.algos.types import flat_groups
 from rltk.engines.base import Generation, concat_generations, select_rows
 
 
@@ -36,8 +37,8 @@ class ScoredGroups:
 
     def group_has_spread(self, group_size: int) -> torch.Tensor:
         """bool [groups]: the group's rewards are not all equal (the ``zero_variance_filter`` test)."""
-        rewards = self.rewards.view(-1, group_size)
-        return (rewards != rewards[:, :1]).any(dim=1)
+        groups = len(self.rewards) // group_size
+        return ~flat_groups(self.rewards, torch.arange(len(self.rewards)) // group_size, groups)
 
     def select(self, groups: list[int], group_size: int) -> "ScoredGroups":
         rows = [g * group_size + k for g in groups for k in range(group_size)]
