@@ -326,8 +326,7 @@ def check_layout(recipe: Recipe, world_size: int) -> list[str]:
                           f"({r.group_size}) with the {algorithm.pipeline.loss.name} loss, which reads whole groups")
     _check_token_budgets(recipe)
     if r.max_staleness > 0 and world_size > 1:
-        raise ConfigError(f"rollout.max_staleness ({r.max_staleness}): asynchronous generation runs on one training "
-                          f"process so far, and this layout has {world_size}; set rollout.max_staleness: 0")
+        _check_async_layout(recipe, world_size)
     completions = per_rank * r.group_size
     micro = micro_batch_rows(t.micro_batch_size, r.group_size)
     head = f"batches: {per_rank} prompts × {r.group_size} = {completions} completions per process per optimizer step"
@@ -338,6 +337,25 @@ def check_layout(recipe: Recipe, world_size: int) -> list[str]:
     if micro != t.micro_batch_size:
         lines.append(f"note: micro_batch_size {t.micro_batch_size} is rounded down to {micro} (whole groups)")
     return lines
+
+
+def _check_async_layout(recipe: Recipe, world_size: int) -> None:
+    """Asynchronous generation on several processes: each process's producer thread runs beside its
+    trainer thread, so it must run no collective (two threads' collectives on one process group
+    would interleave differently on each process). What would gather in the producer is refused."""
+    r, algorithm = recipe.rollout, recipe.algorithm_stages
+    sampler = algorithm.sampler.stage
+    gathering = [why for why, applies in (
+        ("rollout.dynamic_sampling (every process runs as many refill rounds)", r.dynamic_sampling),
+        ("rollout.engine: vllm (weight pushes and server generation are collective)", r.engine == "vllm"),
+        (f"the {algorithm.sampler.name} sampler (it probes the policy)", sampler.provides_roles),
+        (f"the {algorithm.sampler.name} sampler (it observes every process's outcomes)",
+         getattr(sampler.fn, "wants_outcomes", False)),
+    ) if applies]
+    if gathering:
+        raise ConfigError(f"rollout.max_staleness ({r.max_staleness}) on {world_size} processes: the producer would "
+                          f"gather over processes for {gathering[0]}; that runs on one process only so far "
+                          "(or set rollout.max_staleness: 0)")
 
 
 def _check_token_budgets(recipe: Recipe) -> None:

@@ -234,6 +234,46 @@ def test_bad_staleness_settings_are_one_line(tiny_model_dir):
         build_recipe({"model": model, "rollout": {"producer_threads": -1}})
     with pytest.raises(ConfigError, match="^rollout.producer_timeout_s: -1.0 is negative"):
         build_recipe({"model": model, "rollout": {"producer_timeout_s": -1.0}})
-    recipe = build_recipe({"model": model, "rollout": {"max_staleness": 1}, "trainer": {"prompts_per_step": 4}})
-    with pytest.raises(ConfigError, match=r"^rollout.max_staleness \(1\): asynchronous generation runs on one"):
-        check_layout(recipe, 2)
+    # on several processes the producer must run no collective: what would gather is refused
+    two = {"model": model, "rollout": {"max_staleness": 1}, "trainer": {"prompts_per_step": 4}}
+    check_layout(build_recipe(two), 2)
+    for change, why in (({"rollout": {"dynamic_sampling": True}}, "rollout.dynamic_sampling"),
+                        ({"algorithm": {"sampler": "difficulty_pools"}}, "the difficulty_pools sampler"),
+                        ({"algorithm": {"sampler": "pairing", "advantage": [{"name": "weighted_grpo"}]}},
+                         "the pairing sampler")):
+        data = {**two, **{k: {**two.get(k, {}), **v} for k, v in change.items()}}
+        with pytest.raises(ConfigError, match=rf"^rollout.max_staleness \(1\) on 2 processes: the producer would "
+                                              rf"gather over processes for {why}"):
+            check_layout(build_recipe(data), 2)
+
+
+@pytest.mark.distributed
+def test_two_processes_generate_asynchronously(tmp_path, tiny_model_dir):
+    """2 DDP processes over gloo with max_staleness 1, each with its own producer and generation
+    worker: 4 steps, each logged once and at most 1 step stale, no worker restarted; then 2 more
+    steps resumed from the step-4 checkpoint."""
+    import os
+    import sys
+
+    import yaml
+
+    from tests.conftest import launch_with_free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def launch(steps: int, *extra: str) -> None:
+        data = small_recipe_data(tiny_model_dir, tmp_path / "run", rollout={"max_staleness": 1},
+                                 trainer={"steps": steps, "save_every": 2})
+        path = tmp_path / f"recipe-{steps}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        launch_with_free_port(lambda port: (
+            [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+             f"--master_port={port}", "-m", "rltk", "train", str(path), *extra],
+            {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": root, "ACCELERATE_USE_CPU": "true"}))
+
+    launch(4)
+    launch(6, "--resume")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    trained = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
+    assert all(0 <= r["async/staleness"] <= 1 and r["async/worker_restarts"] == 0 for r in trained)

@@ -177,6 +177,26 @@ def test_zero2_resume_equals_uninterrupted_run(tmp_path, tiny_model_dir, deepspe
 
 
 @pytest.mark.distributed
+def test_zero3_dynamic_sampling_refills_in_lockstep(tmp_path, tiny_model_dir, deepspeed_ops):
+    """ZeRO-3 on 2 processes with rollout.dynamic_sampling: prompts with an even answer get equal
+    rewards (tests.user_stages), so a process may need more rounds than the other; every process
+    runs as many (each round's generation gathers the sharded weights, a collective), the run ends
+    (a process left behind would hang it), and every trained group is informative."""
+    data = small_recipe_data(tiny_model_dir, tmp_path / "run", trainer={"steps": 3, "prompts_per_step": 4},
+                             rollout={"dynamic_sampling": True, "max_refill_rounds": 8},
+                             rewards=[{"name": "tests.user_stages:alternating_unless_even_answer"}])
+    path = tmp_path / "dynamic.yaml"
+    path.write_text(yaml.safe_dump(data))
+    launch_deepspeed(cpu_config(tmp_path, "zero3"), ["-m", "rltk", "train", str(path)])
+    steps = _by_step(tmp_path / "run")
+    assert sorted(steps) == [1, 2, 3]
+    for row in steps.values():
+        assert row["reward/zero_variance_groups"] == 0.0 and row["dynamic/unfilled_share"] == 0.0
+        assert row["grad_norm"] > 0
+    assert sum(row["dynamic/rounds"] for row in steps.values()) > 3  # some step needed a refill
+
+
+@pytest.mark.distributed
 def test_slurm_script_runs_two_nodes(tmp_path, tiny_model_dir, deepspeed_ops):
     """``launch/slurm.sbatch`` with ``launch/multinode.yaml`` (ZeRO-2), 2 "nodes" × 1 process on this
     machine: a stand-in ``srun`` runs the script's per-node command once per node id, as SLURM's

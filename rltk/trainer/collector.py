@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
@@ -130,6 +131,7 @@ class RolloutCollector:
         acc = self.accelerator
         if acc.num_processes == 1:
             return missing > 0
+        self.check_may_gather("dynamic sampling")
         return bool(acc.gather(torch.tensor([missing], device=acc.device)).max() > 0)
 
     def rank_share(self, indices: list) -> list:
@@ -167,6 +169,7 @@ class RolloutCollector:
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
+            self.check_may_gather("the sampler's probe")
             counts = gather_object(counts)
         found = dict(counts)
         return [found[i] for i in indices]
@@ -201,6 +204,13 @@ class RolloutCollector:
             self.report_outcomes(scored)
         return scored
 
+    def check_may_gather(self, what: str) -> None:
+        """A collective from the asynchronous producer's thread would interleave with the trainer
+        thread's in a different order on each process (validate.py refuses the known cases at load)."""
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError(f"{what} gathers over processes, which asynchronous generation cannot do on "
+                               f"{self.accelerator.num_processes} processes; set rollout.max_staleness: 0")
+
     def report_outcomes(self, scored: ScoredGroups) -> None:
         """Every process's groups' correct counts, gathered, to the sampler (``Sampler.observe``), so
         the sampler's state stays the same on every rank."""
@@ -210,6 +220,7 @@ class RolloutCollector:
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
+            self.check_may_gather("the sampler's observe")
             outcomes = gather_object(outcomes)
         self.sampler.observe([i for i, _ in outcomes], [c for _, c in outcomes], g)
 
