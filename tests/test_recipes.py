@@ -148,6 +148,25 @@ def test_cold_start_is_grpo_with_a_short_warm_start_and_a_learning_curve():
         assert isinstance(build_recipe(variant_data(data, variant)), Recipe)
 
 
+def test_level3_is_grpo_on_the_harder_task():
+    """quickstart/level3.yaml (the harder comparison task, docs/algorithms/README.md) is grpo.yaml
+    with only the task level, the completion length, the warm-start and RL lengths, the evaluation
+    protocol and the output directory changed; every method compared on it validates."""
+    base = _load("quickstart/grpo.yaml").to_dict()
+    hard = _load("quickstart/level3.yaml").to_dict()
+    assert (hard["data"]["levels"], hard["rollout"]["max_new_tokens"], hard["sft"]["steps"]) == ([3], 32, 900)
+    assert (hard["eval"]["n"], hard["eval"]["temperature"], hard["eval"]["top_p"]) == (64, 0.6, 0.95)
+    changed = (("data", "levels"), ("rollout", "max_new_tokens"), ("sft", "steps"), ("trainer", "steps"),
+               ("trainer", "eval_every"), ("trainer", "output_dir"), ("eval", "n"), ("eval", "temperature"),
+               ("eval", "top_p"))
+    for section, key in changed:
+        hard[section].pop(key), base[section].pop(key)
+    assert hard == base
+    data = load_recipe_data(RECIPES / "quickstart" / "level3.yaml")
+    for variant in ("grpo", "psr", "nsr", "w_reinforce", "ace", "resrl", "weighted_grpo", "garl", "paft"):
+        assert isinstance(build_recipe(variant_data(data, variant)), Recipe)
+
+
 def test_quickstart_variants_declare_their_needs():
     assert "ref_logps" in _needs(_load("quickstart/ace.yaml"))  # ACE runs a reference model
     assert "hidden(-2)" in _needs(_load("quickstart/resrl.yaml"))
