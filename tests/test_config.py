@@ -142,6 +142,16 @@ def test_cli_overrides_may_follow_options(monkeypatch):
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize("seeds, message", [("0,one,2", "expected comma-separated integers, got '0,one,2'"),
+                                            ("1,1", "expected distinct seeds, got 1,1"),
+                                            (",", "expected distinct seeds, got none")])
+def test_compare_bad_seeds_are_one_line(seeds, message, capsys):
+    from rltk import cli
+
+    assert cli.main(["compare", str(QUICKSTART), "--variants", "grpo,nsr", "--seeds", seeds]) == cli.EXIT_USAGE
+    assert capsys.readouterr().err == f"rltk: error: --seeds: {message}\n"
+
+
 def test_paft_needs_whole_groups_per_micro_batch():
     with pytest.raises(ConfigError, match="must be >= rollout.group_size"):
         build_recipe({"algorithm": {"loss": {"name": "paft"}}, "trainer": {"micro_batch_size": 4},
