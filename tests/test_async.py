@@ -277,3 +277,25 @@ def test_two_processes_generate_asynchronously(tmp_path, tiny_model_dir):
     trained = [r for r in rows if "loss" in r]
     assert [r["step"] for r in trained] == [1, 2, 3, 4, 5, 6]
     assert all(0 <= r["async/staleness"] <= 1 and r["async/worker_restarts"] == 0 for r in trained)
+
+
+def test_a_gather_from_the_producer_thread_is_one_line():
+    """A user sampler that gathers from the producer's thread on several processes: one line, not a hang."""
+    import threading
+
+    from rltk.trainer.collector import check_may_gather
+
+    check_may_gather("the sampler's probe", 2)  # the trainer's (main) thread may gather
+    raised = []
+
+    def producer():
+        try:
+            check_may_gather("the sampler's probe", 2)
+        except RuntimeError as exc:
+            raised.append(str(exc))
+
+    thread = threading.Thread(target=producer)
+    thread.start()
+    thread.join()
+    assert raised == ["the sampler's probe gathers over processes, which asynchronous generation cannot do on 2 "
+                      "processes; set rollout.max_staleness: 0"]

@@ -131,7 +131,7 @@ class RolloutCollector:
         acc = self.accelerator
         if acc.num_processes == 1:
             return missing > 0
-        self.check_may_gather("dynamic sampling")
+        check_may_gather("dynamic sampling", acc.num_processes)
         return bool(acc.gather(torch.tensor([missing], device=acc.device)).max() > 0)
 
     def rank_share(self, indices: list) -> list:
@@ -169,7 +169,7 @@ class RolloutCollector:
         if acc.num_processes > 1:
             from accelerate.utils import gather_object
 
-            self.check_may_gather("the sampler's probe")
+            check_may_gather("the sampler's probe", acc.num_processes)
             counts = gather_object(counts)
         found = dict(counts)
         return [found[i] for i in indices]
@@ -204,13 +204,6 @@ class RolloutCollector:
             self.report_outcomes(scored)
         return scored
 
-    def check_may_gather(self, what: str) -> None:
-        """A collective from the asynchronous producer's thread would interleave with the trainer
-        thread's in a different order on each process (validate.py refuses the known cases at load)."""
-        if threading.current_thread() is not threading.main_thread():
-            raise RuntimeError(f"{what} gathers over processes, which asynchronous generation cannot do on "
-                               f"{self.accelerator.num_processes} processes; set rollout.max_staleness: 0")
-
     def report_outcomes(self, scored: ScoredGroups) -> None:
         """Every process's groups' correct counts, gathered, to the sampler (``Sampler.observe``), so
         the sampler's state stays the same on every rank."""
@@ -220,7 +213,7 @@ class RolloutCollector:
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
-            self.check_may_gather("the sampler's observe")
+            check_may_gather("the sampler's observe", self.accelerator.num_processes)
             outcomes = gather_object(outcomes)
         self.sampler.observe([i for i, _ in outcomes], [c for _, c in outcomes], g)
 
@@ -328,6 +321,15 @@ def reward_metrics(per_reward: dict[str, torch.Tensor]) -> dict[str, float]:
         metrics[f"reward/{label}/mean"] = float(scored.mean()) if scored.numel() else math.nan
         metrics[f"reward/{label}/std"] = float(scored.std()) if scored.numel() > 1 else 0.0
     return metrics
+
+
+def check_may_gather(what: str, world: int) -> None:
+    """Called before a gather over ``world`` > 1 processes: from the asynchronous producer's thread a
+    collective would interleave with the trainer thread's in a different order on each process, so it
+    is one line instead of a hang (validate.py refuses the known cases at load)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError(f"{what} gathers over processes, which asynchronous generation cannot do on "
+                           f"{world} processes; set rollout.max_staleness: 0")
 
 
 def batch_metrics(rollouts: Rollouts, advantages: Advantages, reasons: dict[str, int]) -> dict[str, float]:
