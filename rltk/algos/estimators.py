@@ -12,11 +12,10 @@ from rltk.algos.registry import StageError, check_number, register_advantage
 from rltk.algos.types import Advantages, Rollouts, flat_groups, group_stats
 
 
-def _zero_variance_share(rollouts: Rollouts, size) -> float:
+def _zero_variance_share(rewards, index, groups: int, size) -> float:
     """Share of groups (of two or more completions) whose rewards are all equal."""
-    index, groups = rollouts.group_index()
     multi = size > 1
-    flat = flat_groups(rollouts.rewards, index, groups)[index]
+    flat = flat_groups(rewards, index, groups)[index]
     per_row = (flat & multi).double() / size  # each group's rows add up to one group
     return float(per_row.sum() / (multi.double() / size).sum().clamp(min=1))
 
@@ -42,7 +41,7 @@ def grpo(rollouts: Rollouts, *, scale: str = "group", eps: float = 1e-6) -> Adva
     else:
         values = centred
     values = torch.where(size > 1, values, torch.zeros_like(values))
-    metrics = {"zero_variance_groups": _zero_variance_share(rollouts, size)}
+    metrics = {"zero_variance_groups": _zero_variance_share(rollouts.rewards, index, groups, size)}
     return Advantages(values.to(rollouts.rewards.dtype).detach(), metrics=metrics)
 
 
@@ -59,7 +58,7 @@ def rloo(rollouts: Rollouts) -> Advantages:
     mean, std, size = group_stats(rollouts.rewards, index, groups)
     values = (rollouts.rewards.double() - mean) * size / (size - 1).clamp(min=1)
     values = torch.where(size > 1, values, torch.zeros_like(values))
-    metrics = {"zero_variance_groups": _zero_variance_share(rollouts, size)}
+    metrics = {"zero_variance_groups": _zero_variance_share(rollouts.rewards, index, groups, size)}
     return Advantages(values.to(rollouts.rewards.dtype).detach(), metrics=metrics)
 
 

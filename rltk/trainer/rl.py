@@ -111,7 +111,7 @@ class RLTrainer(BaseTrainer):
         self.producer: Producer | None = None
         self.behaviour_engine = None  # what the producer samples with; None: a copy of the policy (hf engine)
         self.consumed_sampler_state: dict | None = None  # the sampler as of the last trained batch
-        self.owned_engines: list = []  # engines the trainer started (worker processes), closed by close()
+        self.worker = None  # the generation worker process the trainer started (rollout.producer: process)
         self._threads_before: int | None = None  # the trainer's torch threads before a worker took some
         if resume:
             self._resume()
@@ -206,8 +206,7 @@ class RLTrainer(BaseTrainer):
                                       self.step)
 
     def _worker_metrics(self) -> dict[str, float]:
-        restarts = [e.restarts for e in self.owned_engines if hasattr(e, "restarts")]
-        return {"async/worker_restarts": float(sum(restarts))} if restarts else {}
+        return {"async/worker_restarts": float(self.worker.restarts)} if self.worker is not None else {}
 
     def start_producer(self, max_staleness: int | None = None) -> Producer:
         """Start the producer thread (rltk/trainer/producer.py) on the behaviour engine: a copy of the
@@ -257,14 +256,13 @@ class RLTrainer(BaseTrainer):
 
         total = torch.get_num_threads()
         threads = self.recipe.rollout.producer_threads or max(1, total // 2)
-        engine = ProcessEngine(policy, self.tokenizer, threads=threads,
-                               **hf_settings(self.recipe.rollout, self.recipe.data.max_prompt_length))
+        self.worker = ProcessEngine(policy, self.tokenizer, threads=threads,
+                                    **hf_settings(self.recipe.rollout, self.recipe.data.max_prompt_length))
         self._threads_before = total
         torch.set_num_threads(max(1, total - threads))
         log.info("asynchronous generation: the producer samples in a worker process on %d torch threads, the trainer "
                  "runs on %d", threads, torch.get_num_threads())
-        self.owned_engines.append(engine)
-        return engine, engine.sync_weights
+        return self.worker, self.worker.sync_weights
 
     # ------------------------------------------------------------------ optimisation
     def micro_batches(self, batch: RolloutBatch, rows: torch.Tensor) -> list[torch.Tensor]:
@@ -445,9 +443,9 @@ class RLTrainer(BaseTrainer):
     def close(self) -> None:
         if self.producer is not None:
             self.producer.stop()
-        for engine in self.owned_engines:
-            engine.close()
-        self.owned_engines.clear()
+        if self.worker is not None:
+            self.worker.close()
+            self.worker = None
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
             self._threads_before = None
