@@ -167,6 +167,33 @@ def test_level3_is_grpo_on_the_harder_task():
         assert isinstance(build_recipe(variant_data(data, variant)), Recipe)
 
 
+def test_level3_distillation_recipes_share_the_harder_task():
+    """The level-3 distillation comparison (SFT only vs REDI vs PACED from one teacher,
+    docs/algorithms/README.md): its three recipes have level3.yaml's task and evaluation protocol;
+    the teacher is redi_teacher.yaml's 4-layer model trained longer, REDI keeps redi.yaml's stage 2
+    and PACED paced.yaml's weighting and schedule, distillation only, from REDI's stage-1 student."""
+    hard = _load("quickstart/level3.yaml")
+    teacher, redi, paced = (_load(f"quickstart/level3_{name}.yaml") for name in ("teacher", "redi", "paced"))
+    for r in (teacher, redi, paced):
+        assert r.to_dict()["data"] == hard.to_dict()["data"] and r.to_dict()["eval"] == hard.to_dict()["eval"]
+        assert r.rollout.max_new_tokens == hard.rollout.max_new_tokens
+    assert teacher.model.tiny.num_layers == 4 and redi.model.name_or_path == "tiny"
+    assert teacher.sft.steps > redi.sft.steps == hard.sft.steps
+    assert redi.to_dict()["redi"] == {**_load("quickstart/redi.yaml").to_dict()["redi"],
+                                      "data": "runs/evidence/group3/pairs.jsonl",
+                                      "sft_data": "runs/evidence/group3/sft.jsonl"}
+    teacher_dir = f"{teacher.trainer.output_dir}/{teacher.sft.output_subdir}"
+    assert paced.teacher.name_or_path == teacher_dir and not paced.teacher.privileged
+    assert paced.model.name_or_path == f"{redi.trainer.output_dir}/{redi.sft.output_subdir}"
+    assert paced.algorithm.pg_coef == 0 and not paced.sft.enabled
+    level1 = _load("quickstart/paced.yaml").algorithm.paced
+    assert (paced.algorithm.paced.alpha, paced.algorithm.paced.beta, paced.algorithm.paced.schedule) == \
+        (level1.alpha, level1.beta, level1.schedule)
+    assert paced.algorithm.paced.switch_step == paced.trainer.steps // 2
+    assert (paced.trainer.steps, paced.trainer.lr, paced.trainer.prompts_per_step) == \
+        (hard.trainer.steps, hard.trainer.lr, hard.trainer.prompts_per_step)
+
+
 def test_quickstart_variants_declare_their_needs():
     assert "ref_logps" in _needs(_load("quickstart/ace.yaml"))  # ACE runs a reference model
     assert "hidden(-2)" in _needs(_load("quickstart/resrl.yaml"))
