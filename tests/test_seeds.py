@@ -111,5 +111,19 @@ def test_compare_seeds_runs_each_seed_and_tabulates(tmp_path, monkeypatch, tiny_
     assert stored["stats"]["nsr"]["1"]["diff"] == pytest.approx(-1 / 16)  # paired to the first variant, grpo
     assert "Paired difference to grpo" in table
     assert (out / "comparison.png").stat().st_size > 1000 and table in (out / "comparison.md").read_text()
+    assert (out / "comparison_diff.png").stat().st_size > 1000  # the paired differences to grpo, with bands
+    assert "![pass@k − grpo](comparison_diff.png)" in (out / "comparison.md").read_text()
     with pytest.raises(workflows.ConfigError, match="^--seeds: expected distinct seeds, got 1,1"):
         workflows.compare_seeds(base, [], ["grpo"], None, [1, 1])
+
+
+def test_plot_range_holds_negative_differences_and_their_bands():
+    """Accuracies are drawn from 0; paired differences below 0 get a range that holds every band whole."""
+    from rltk.eval.report import y_limits
+
+    assert y_limits({"a": {1: 0.2, 8: 0.5}}) == (0.0, pytest.approx(0.575))
+    assert y_limits({"a": {1: 0.01}}) == (0.0, 0.05)
+    assert y_limits({"a": {1: 0.9, 8: 1.0}}) == (0.0, 1.02)
+    low, high = y_limits({"a": {1: -0.05, 8: 0.02}}, bands={"a": {1: (-0.2, 0.1), 8: (-0.01, 0.05)}})
+    assert (low, high) == (pytest.approx(-0.23), pytest.approx(0.115))
+    assert y_limits({"a": {1: -0.1, 8: -0.2}}) == (pytest.approx(-0.23), pytest.approx(0.01))

@@ -85,8 +85,9 @@ def plot_curves(curves: dict[str, dict[int, float]], title: str, *, xlabel: str 
         ax.set_xscale("log", base=2)
         if ks:
             ax.set_xticks(ks, [str(k) for k in ks])
-    top = max((y for c in curves.values() for y in c.values()), default=1.0)
-    ax.set_ylim(0, min(1.02, max(0.05, 1.15 * top)))  # the whole [0, 1] unless every value is small
+    ax.set_ylim(*y_limits(curves, bands))
+    if ax.get_ylim()[0] < 0:  # differences: mark zero
+        ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
@@ -96,6 +97,19 @@ def plot_curves(curves: dict[str, dict[int, float]], title: str, *, xlabel: str 
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     return buf.getvalue()
+
+
+def y_limits(curves: dict[str, dict[int, float]], bands: dict[str, dict[int, tuple[float, float]]] | None = None
+             ) -> tuple[float, float]:
+    """The y range of :func:`plot_curves`: from 0 to a little above the highest value, within [0, 1.02]
+    (accuracies); when a value or band goes below 0 (paired differences), from 1.15 × the lowest to
+    1.15 × the highest, 0 included, so every band is drawn whole."""
+    values = [y for c in curves.values() for y in c.values()]
+    values += [y for b in (bands or {}).values() for pair in b.values() for y in pair]
+    low, top = min(values, default=0.0), max(values, default=1.0)
+    if low >= 0:
+        return 0.0, min(1.02, max(0.05, 1.15 * top))
+    return 1.15 * low, max(0.0, 1.15 * top) or 0.05 * -low
 
 
 def _report_markdown(report: dict, name: str) -> str:

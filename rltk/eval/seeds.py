@@ -124,7 +124,9 @@ def start_report(run_dir: Path) -> dict:
 def write_seed_comparison(out: Path, stats: dict[str, dict[int, dict[str, float]]], title: str,
                           seeds: list[int], baseline: str | None = None) -> str:
     """``comparison.md`` (the table, the intervals explained) and ``comparison.png`` (mean pass@k
-    against k, the seeds' 95% interval as a band) under ``out``; returns the table."""
+    against k, the seeds' 95% interval as a band) under ``out``; with ``baseline``, also
+    ``comparison_diff.png``: each variant's paired difference to it against k, with its 95% t
+    interval as a band (readable where the seeds' own spread hides the differences); returns the table."""
     from rltk.eval.report import plot_curves
 
     table = format_table(stats, baseline)
@@ -134,7 +136,17 @@ def write_seed_comparison(out: Path, stats: dict[str, dict[int, dict[str, float]
     curves = {v: {k: s["mean"] for k, s in per_k.items()} for v, per_k in stats.items()}
     bands = {v: {k: (s["mean"] - s["seed_half"], s["mean"] + s["seed_half"]) for k, s in per_k.items()}
              for v, per_k in stats.items()}
-    atomic_write_bytes(out / "comparison.md", f"# {title}\n\n{note}\n\n{table}\n\n![pass@k](comparison.png)\n".encode())
+    figures = "![pass@k](comparison.png)\n"
     atomic_write_bytes(out / "comparison.png", plot_curves(curves, title, bands=bands))
+    diffs = {v: {k: s for k, s in per_k.items() if "diff" in s} for v, per_k in stats.items() if v != baseline}
+    diffs = {v: per_k for v, per_k in diffs.items() if per_k}
+    if baseline is not None and diffs:
+        atomic_write_bytes(out / "comparison_diff.png", plot_curves(
+            {v: {k: s["diff"] for k, s in per_k.items()} for v, per_k in diffs.items()},
+            f"paired difference to {baseline}", ylabel=f"pass@k − {baseline}",
+            bands={v: {k: (s["diff"] - s["diff_half"], s["diff"] + s["diff_half"]) for k, s in per_k.items()}
+                   for v, per_k in diffs.items()}))
+        figures += f"\n![pass@k − {baseline}](comparison_diff.png)\n"
+    atomic_write_bytes(out / "comparison.md", f"# {title}\n\n{note}\n\n{table}\n\n{figures}".encode())
     atomic_write_bytes(out / "comparison.json", json.dumps({"seeds": seeds, "stats": stats}, indent=2).encode())
     return table
