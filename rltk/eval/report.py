@@ -85,8 +85,9 @@ def plot_curves(curves: dict[str, dict[int, float]], title: str, *, xlabel: str 
         ax.set_xscale("log", base=2)
         if ks:
             ax.set_xticks(ks, [str(k) for k in ks])
-    ax.set_ylim(*y_limits(curves, bands))
-    if ax.get_ylim()[0] < 0:  # differences: mark zero
+    low, high = y_limits(curves, bands)
+    ax.set_ylim(low, high)
+    if low < 0:  # differences: mark zero
         ax.axhline(0.0, color="black", linewidth=0.8)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -109,7 +110,7 @@ def y_limits(curves: dict[str, dict[int, float]], bands: dict[str, dict[int, tup
     low, top = min(values, default=0.0), max(values, default=1.0)
     if low >= 0:
         return 0.0, min(1.02, max(0.05, 1.15 * top))
-    return 1.15 * low, max(0.0, 1.15 * top) or 0.05 * -low
+    return 1.15 * low, 1.15 * top if top > 0 else 0.05 * -low
 
 
 def _report_markdown(report: dict, name: str) -> str:

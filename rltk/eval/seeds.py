@@ -133,20 +133,23 @@ def write_seed_comparison(out: Path, stats: dict[str, dict[int, dict[str, float]
     note = (f"Mean over seeds {', '.join(map(str, seeds))} ± the 95% t interval over seeds "
             "(± the 95% interval over held-out problems); docs/evaluation.md, \"Several seeds\".")
     out.mkdir(parents=True, exist_ok=True)
-    curves = {v: {k: s["mean"] for k, s in per_k.items()} for v, per_k in stats.items()}
-    bands = {v: {k: (s["mean"] - s["seed_half"], s["mean"] + s["seed_half"]) for k, s in per_k.items()}
-             for v, per_k in stats.items()}
+    curves, bands = _curves_with_bands(stats, "mean", "seed_half")
     figures = "![pass@k](comparison.png)\n"
     atomic_write_bytes(out / "comparison.png", plot_curves(curves, title, bands=bands))
     diffs = {v: {k: s for k, s in per_k.items() if "diff" in s} for v, per_k in stats.items() if v != baseline}
-    diffs = {v: per_k for v, per_k in diffs.items() if per_k}
-    if baseline is not None and diffs:
+    diffs = {v: per_k for v, per_k in diffs.items() if per_k}  # only with a baseline do stats hold a diff
+    if diffs:
+        curves, bands = _curves_with_bands(diffs, "diff", "diff_half")
         atomic_write_bytes(out / "comparison_diff.png", plot_curves(
-            {v: {k: s["diff"] for k, s in per_k.items()} for v, per_k in diffs.items()},
-            f"paired difference to {baseline}", ylabel=f"pass@k − {baseline}",
-            bands={v: {k: (s["diff"] - s["diff_half"], s["diff"] + s["diff_half"]) for k, s in per_k.items()}
-                   for v, per_k in diffs.items()}))
+            curves, f"paired difference to {baseline}", ylabel=f"pass@k − {baseline}", bands=bands))
         figures += f"\n![pass@k − {baseline}](comparison_diff.png)\n"
     atomic_write_bytes(out / "comparison.md", f"# {title}\n\n{note}\n\n{table}\n\n{figures}".encode())
     atomic_write_bytes(out / "comparison.json", json.dumps({"seeds": seeds, "stats": stats}, indent=2).encode())
     return table
+
+
+def _curves_with_bands(stats: dict[str, dict[int, dict[str, float]]], centre: str, half: str):
+    """Per variant, the curve k -> ``stats[centre]`` and its band k -> centre ± ``stats[half]``."""
+    curves = {v: {k: s[centre] for k, s in per_k.items()} for v, per_k in stats.items()}
+    bands = {v: {k: (s[centre] - s[half], s[centre] + s[half]) for k, s in per_k.items()} for v, per_k in stats.items()}
+    return curves, bands
